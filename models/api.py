@@ -1,0 +1,81 @@
+"""Types that cross between the web side and the engine thread.
+
+The web side builds a ``GenerationRequest`` (or a ``PackageRequest``), hands it with a ``Sink`` to
+``Engine.submit``, and reads events back from its own end of the sink. Events are small frozen
+objects: the engine thread creates them, greenlets only read them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class GenerationRequest:
+    """One LLM generation: already tokenized, already validated."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    deadline: float  # time.monotonic() after which the request ends with a timeout
+
+
+@dataclass
+class PackageRequest:
+    """One call of a model package's ``infer``: inputs already validated against its schema."""
+
+    request_id: str
+    inputs: dict[str, Any]
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text of an LLM stream (never half a UTF-8 character, never past a stop string)."""
+
+    text: str
+    completion_tokens: int  # tokens generated so far, this delta's included
+
+
+@dataclass(frozen=True, slots=True)
+class PackageOutput:
+    """One ``send_streamed_output(dict)`` of a model package."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of every request. ``reason``: stop, length, cancelled, timeout, error, shutdown."""
+
+    reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = field(default=None)
+
+
+Event = TextDelta | PackageOutput | Finished
+
+
+class Sink(Protocol):
+    """Where the engine thread puts a request's events. ``put`` must be safe to call from that thread."""
+
+    def put(self, event: Event) -> None: ...
+
+
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error", "shutdown")

@@ -1,0 +1,213 @@
+"""A Llama-family transformer in plain torch, with a preallocated KV cache.
+
+Only ``nn.Module``s live here: no files, threads or HTTP. Parameter names match HF's
+``LlamaForCausalLM`` so a checkpoint's state dict loads as it is.
+
+Three ways through the model:
+- ``forward(tokens, positions)``: causal attention over the tokens alone, no cache (training, tests).
+- ``prefill(tokens, row)``: one sequence's prompt; fills cache row ``row`` from position 0.
+- ``decode(tokens, positions)``: one new token for each of the first B cache rows, each at its own
+  position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as HF does, then cast back: bf16 variance loses too much.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position, HF's "rotate half" convention (not interleaved pairs)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [S, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, T] -> [B, 1, T, D], broadcast over heads
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for ``max_batch`` sequences of up to ``max_seq`` tokens."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq, head_dim)  # [B, H, S, D]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write_prompt(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [1, H, T, D] -> row `row`, positions 0..T-1
+        length = k.shape[2]
+        self.k[row, :, :length] = k[0]
+        self.v[row, :, :length] = v[0]
+
+    def write_step(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [B, H, 1, D]; row b gets its token at positions[b]
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0]
+        self.v[rows, :, positions] = v[:, :, 0]
+
+    def view(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:batch, :, :length], self.v[:batch, :, :length]  # [B, H, L, D]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str,
+                row: int = 0, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if mode == "decode":
+            assert self.cache is not None and positions is not None and mask is not None
+            self.cache.write_step(positions, k, v)
+            k, v = self.cache.view(batch, mask.shape[-1])  # [B, KV, L, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            if mode == "prefill":
+                assert self.cache is not None
+                self.cache.write_prompt(row, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)  # [B, T, H*D]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, **attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryTable(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_batch = 0
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "Llama":
+        """HF's initialisation (normal, ``initializer_range`` 0.02) for training or random checkpoints."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+        return self
+
+    def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
+        max_seq = max_seq or self.config.max_position_embeddings
+        param = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(max_batch, self.config.num_key_value_heads, max_seq,
+                                            self.config.head_dim, param.dtype, param.device)
+        self.max_batch = max_batch
+
+    def _run(self, tokens: torch.Tensor, token_positions: torch.Tensor, **attn) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)  # [B, T, hidden]
+        cos, sin = self.rotary(token_positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, **attn)
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of ``tokens`` [B, T], no cache. -> [B, T, V]"""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        return self.lm_head(self._run(tokens, positions, mode="full"))
+
+    def prefill(self, tokens: torch.Tensor, row: int) -> torch.Tensor:
+        """Fill cache row ``row`` with the prompt ``tokens`` [1, T]. -> last position's logits [V]"""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        hidden = self._run(tokens, positions, mode="prefill", row=row)
+        return self.lm_head(hidden[0, -1])
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]"""
+        length = int(positions.max()) + 1
+        keys = torch.arange(length, device=tokens.device)
+        mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, L]
+        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode",
+                           positions=positions, mask=mask)
+        return self.lm_head(hidden[:, 0])
+
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache.move_row(src, dst, length)
