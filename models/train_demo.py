@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> spm.Sentence
         byte_fallback=True, character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         max_sentence_length=16384, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        num_threads=2, minloglevel=2,
+        num_threads=1, minloglevel=2,  # one thread: the same corpus gives the same vocabulary
     )
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
@@ -68,17 +69,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--work", type=Path, default=None, help="where to build before copying to --out")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
     config = LlamaConfig.from_name("demo")
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Build in a scratch folder and copy at the end, so a served model folder never holds a
+    # tokenizer from one run and weights from another.
+    work = args.work or Path(tempfile.mkdtemp(prefix="rivulet-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
 
     docs = read_fortunes(FORTUNE_DIR)
     print(f"corpus: {len(docs)} fortunes, {sum(len(d) for d in docs)} characters")
-    sp = train_tokenizer(docs, config.vocab_size, args.out)
+    sp = train_tokenizer(docs, config.vocab_size, work)
     stream: list[int] = []
     for doc in docs:
         stream += [config.bos_token_id] + sp.encode(doc) + [config.eos_token_id]
@@ -108,13 +113,17 @@ def main() -> None:
         step += 1
 
     model.eval()
-    save_checkpoint(model, args.out, dtype=torch.float16)
-    (args.out / "tokenizer_config.json").write_text(json.dumps({
+    save_checkpoint(model, work, dtype=torch.float16)
+    (work / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "chat_template": DEMO_CHAT_TEMPLATE,
     }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (args.out / "generation_config.json").write_text(json.dumps({
+    (work / "generation_config.json").write_text(json.dumps({
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
     }, indent=2) + "\n", encoding="utf-8")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "config.json", "model.safetensors", "tokenizer_config.json",
+                 "generation_config.json"):
+        shutil.copyfile(work / name, args.out / name)
     print(f"trained {step} steps in {time.monotonic() - start:.0f}s, final loss {loss.item():.3f}")
 
 
