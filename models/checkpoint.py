@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.config import LlamaConfig
@@ -85,54 +85,83 @@ def weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}")
 
 
-def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_state_dict(files: list[Path], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """-> (tensors by name, the file each came from)."""
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     state[key] = f.get_tensor(key).to(dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
+                    origin[key] = path
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    return state
+    return state, origin
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on the CPU (fast there, and exact); bf16 on CUDA where the GPU has it, else fp16."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
+def shape_fields(name: str) -> str:
+    """Which config.json fields decide the shape of tensor ``name`` (for error messages)."""
+    table = {
+        "embed_tokens.weight": "vocab_size x hidden_size",
+        "lm_head.weight": "vocab_size x hidden_size",
+        "q_proj.weight": "num_attention_heads*head_dim x hidden_size",
+        "k_proj.weight": "num_key_value_heads*head_dim x hidden_size",
+        "v_proj.weight": "num_key_value_heads*head_dim x hidden_size",
+        "o_proj.weight": "hidden_size x num_attention_heads*head_dim",
+        "gate_proj.weight": "intermediate_size x hidden_size",
+        "up_proj.weight": "intermediate_size x hidden_size",
+        "down_proj.weight": "hidden_size x intermediate_size",
+        "norm.weight": "hidden_size",
+        "layernorm.weight": "hidden_size",
+    }
+    return next((fields for suffix, fields in table.items() if name.endswith(suffix)), "the config")
+
+
 def load_model(directory: Path, device: torch.device, dtype: torch.dtype | None = None) -> Llama:
+    config_path = directory / "config.json"
     config = load_config(directory)
     dtype = dtype or pick_dtype(device)
-    state = read_state_dict(weight_files(directory), dtype)
+    files = weight_files(directory)
+    state, origin = read_state_dict(files, dtype)
+    # HF files of some versions carry the rotary frequencies; they are derived, not learned.
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    model = Llama(config)  # uninitialised storage (see llama.Linear): the checkpoint's tensors replace it
+    expected = dict(model.state_dict())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(f"{directory}: tensors missing from the weights: {missing[:5]}")
+        raise CheckpointError(
+            f"{files[0] if len(files) == 1 else directory / INDEX_FILE}: tensors missing that "
+            f"{config_path.name} implies "
+            f"(num_hidden_layers={config.num_hidden_layers}, "
+            f"tie_word_embeddings={config.tie_word_embeddings}): {missing[:5]}"
+        )
     if unexpected:
-        raise CheckpointError(f"{directory}: tensors the config does not explain: {unexpected[:5]}")
+        raise CheckpointError(
+            f"{origin[unexpected[0]]}: tensors {config_path.name} does not explain "
+            f"(num_hidden_layers={config.num_hidden_layers}): {unexpected[:5]}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(
-                f"{directory}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name].shape)}"
+                f"{origin[name]}: tensor '{name}' has shape {tuple(tensor.shape)}, but {config_path}'s "
+                f"{shape_fields(name)} gives {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers (rotary table) were created on meta: build them for real.
-    from models.llama import RotaryTable
-    model.rotary = RotaryTable(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared one
     return model.to(device).eval()
 
 

@@ -41,12 +41,17 @@ class LlamaConfig:
             raise CheckpointError(
                 f"{source}: field 'architectures' is {archs}; supported: {list(SUPPORTED_ARCHITECTURES)}"
             )
-        scaling = raw.get("rope_scaling")
-        if scaling not in (None, {}):
-            raise CheckpointError(f"{source}: field 'rope_scaling' = {scaling!r} is not supported")
+        _reject_unsupported(raw, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
-        if "head_dim" in raw and raw["head_dim"]:
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
+        if window and window < values.get("max_position_embeddings", cls.max_position_embeddings):
+            # Within one window sliding-window attention is full attention: serve that much context.
+            values["max_position_embeddings"] = int(window)
+        theta = _rope_theta(raw, source)
+        if theta is not None:
+            values["rope_theta"] = theta
+        if raw.get("head_dim"):
             values["head_dim_override"] = int(raw["head_dim"])
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(values.get(key), list):
@@ -56,12 +61,17 @@ class LlamaConfig:
                          "num_attention_heads"):
             if required not in values:
                 raise CheckpointError(f"{source}: required field '{required}' is missing")
-        config = cls(**values)
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
         if config.num_attention_heads % config.num_key_value_heads:
             raise CheckpointError(
                 f"{source}: num_attention_heads ({config.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({config.num_key_value_heads})"
             )
+        if config.head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim ({config.head_dim}) must be even for rotary embeddings")
         return config
 
     def to_hf(self) -> dict[str, Any]:
@@ -72,6 +82,33 @@ class LlamaConfig:
         raw.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                    torch_dtype="float32")
         return raw
+
+
+def _rope_theta(raw: dict[str, Any], source: str) -> float | None:
+    """The rotary base. transformers 5 writes it inside ``rope_parameters``; older files at the top."""
+    for field_name in ("rope_parameters", "rope_scaling"):
+        rope = raw.get(field_name)
+        if not rope:
+            continue
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: field '{field_name}' = {rope!r} is not an object")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(
+                f"{source}: field '{field_name}' asks for rope_type {kind!r}; only 'default' is supported"
+            )
+        if "rope_theta" in rope:
+            return float(rope["rope_theta"])
+    return float(raw["rope_theta"]) if raw.get("rope_theta") is not None else None
+
+
+def _reject_unsupported(raw: dict[str, Any], source: str) -> None:
+    """Variants of the Llama layout this module does not implement: fail loudly, not with wrong text."""
+    if raw.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise CheckpointError(f"{source}: field '{flag}' is true; biases are not supported")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

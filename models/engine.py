@@ -16,9 +16,9 @@ from typing import Protocol
 
 import torch
 
-from models.api import GenerationRequest, PackageRequest, Sink
+from models.api import Finished, GenerationRequest, PackageRequest, Sink
 from models.errors import EngineUnavailable, ModelError, QueueFull
-from models.scheduler import FINISHED, Scheduler, Ticket
+from models.scheduler import FINISHED, Scheduler, Ticket, error_for
 
 log = logging.getLogger("rivulet.engine")
 
@@ -47,12 +47,22 @@ class Engine:
         self.scheduler = Scheduler(max_batch, on_release=backend.release)
         # Leave a core to the gevent hub: it must keep reading sockets while torch computes.
         self.torch_threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)
-        self.state = STARTING
-        self.error: str | None = None
+        # Each field has one writer, so no lock is needed (a lock would block the gevent hub):
+        self._phase = STARTING  # the engine thread: starting, ready, dead, stopped
+        self._draining = False  # the web side: begin_drain()
+        self.error: str | None = None  # the engine thread, before it marks itself dead
         self._commands: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._submitted = 0  # written only by the submitting (hub) thread
+        self._submitted = 0  # the submitting (hub) thread
 
     # --- the web side's API (called from greenlets) -------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """starting, ready, draining, dead or stopped."""
+        phase = self._phase
+        if self._draining and phase in (STARTING, READY):
+            return DRAINING
+        return phase
 
     @property
     def ready(self) -> bool:
@@ -75,6 +85,10 @@ class Engine:
         ticket = Ticket(request, sink)
         self._submitted += 1
         self._commands.put(ticket)
+        if self._phase in (DEAD, STOPPED):
+            # The engine ended between the check above and the put: its last drain of the queue may
+            # have missed this ticket, so nobody else will ever finish it.
+            self._finish_leftovers()
         return ticket
 
     def abort(self, ticket: Ticket, reason: str = "cancelled") -> None:
@@ -84,9 +98,8 @@ class Engine:
             self._commands.put(_WAKE)
 
     def begin_drain(self) -> None:
-        """Stop admitting new requests; running ones go on (graceful shutdown, first half)."""
-        if self.state == READY:
-            self.state = DRAINING
+        """Stop admitting new requests; queued and running ones go on (graceful shutdown, first half)."""
+        self._draining = True
 
     def shutdown(self) -> None:
         """End every open request with a shutdown error and stop the thread (second half)."""
@@ -111,9 +124,9 @@ class Engine:
         except Exception as exc:  # start-up failure: report it on /ready and in the log
             log.exception("loading %s failed", self.backend.name)
             self._die(f"loading failed: {exc}")
+            self._close_backend()
             return
-        if self.state == STARTING:
-            self.state = READY
+        self._phase = READY
         log.info("engine ready: %s (%s)", self.backend.name, self.backend.kind)
         try:
             with torch.inference_mode():
@@ -122,7 +135,13 @@ class Engine:
             log.exception("engine failed")
             self._die(f"{type(exc).__name__}: {exc}")
         finally:
+            self._close_backend()
+
+    def _close_backend(self) -> None:
+        try:
             self.backend.close()
+        except Exception:  # the engine is over either way; keep the first error, log this one
+            log.exception("closing %s failed", self.backend.name)
 
     def _loop(self) -> None:
         while True:
@@ -149,20 +168,40 @@ class Engine:
                 self.scheduler.add(command)
 
     def _stop(self) -> None:
-        self.state = STOPPED
-        self.scheduler.finish_all("shutdown")
+        self._end(STOPPED, "shutdown", None)
 
     def _die(self, message: str) -> None:
-        self.state = DEAD
         self.error = message
-        self._take_commands_nowait()
-        self.scheduler.finish_all("error", ModelError(f"the engine failed: {message}"))
+        self._end(DEAD, "error", ModelError(f"the engine failed: {message}"))
 
-    def _take_commands_nowait(self) -> None:
+    def _end(self, phase: str, reason: str, error: Exception | None) -> None:
+        """Mark the engine ended, then finish every open request, queued ones included.
+
+        The phase is set first: a ``submit`` racing with this drain sees it after its put and
+        finishes what is left in the queue itself (``_finish_leftovers``).
+        """
+        self._phase = phase
+        # The cache is about to be dropped (and may be what failed): do not compact it.
+        self.scheduler.on_release = lambda ticket: None
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except _queue.Empty:
+                break
+            if isinstance(command, Ticket):
+                self.scheduler.add(command)
+        self.scheduler.finish_all(reason, error)
+
+    def _finish_leftovers(self) -> None:
+        """Runs on the submitting thread once the engine has ended: finish tickets still queued."""
+        reason = "shutdown" if self._phase == STOPPED else "error"
+        error = error_for(reason) or ModelError(f"the engine failed: {self.error}")
         while True:
             try:
                 command = self._commands.get_nowait()
             except _queue.Empty:
                 return
-            if isinstance(command, Ticket):
-                self.scheduler.add(command)
+            if isinstance(command, Ticket) and command.state != FINISHED:
+                command.state = FINISHED
+                self._submitted -= 1  # it never reached the scheduler's count
+                command.sink.put(Finished(reason, error=error))

@@ -5,7 +5,9 @@ Only ``nn.Module``s live here: no files, threads or HTTP. Parameter names match 
 
 Three ways through the model:
 - ``forward(tokens, positions)``: causal attention over the tokens alone, no cache (training, tests).
-- ``prefill(tokens, row)``: one sequence's prompt; fills cache row ``row`` from position 0.
+- ``prefill(tokens, rows, lengths)``: several prompts at once, right-padded to one length; fills
+  cache rows ``rows`` from position 0. Causal attention keeps padding out of every real position, and
+  the padding's cached keys lie past each row's length, where decode masks them (and overwrites them).
 - ``decode(tokens, positions)``: one new token for each of the first B cache rows, each at its own
   position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy.
 """
@@ -16,6 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import LlamaConfig
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that leaves its weight uninitialised: a checkpoint or ``Llama.init_weights`` fills
+    it. Loading then needs neither a throw-away random init nor the meta device (whose first use
+    imports torch's decomposition tables: seconds at every start-up)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` without its own initialisation, for the same reason as ``Linear``."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
@@ -66,17 +84,25 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write_prompt(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v [1, H, T, D] -> row `row`, positions 0..T-1
+    def write_prompt(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [N, H, T, D] -> cache rows `rows` [N], positions 0..T-1
         length = k.shape[2]
-        self.k[row, :, :length] = k[0]
-        self.v[row, :, :length] = v[0]
+        self.k[rows, :, :length] = k
+        self.v[rows, :, :length] = v
 
-    def write_step(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v [B, H, 1, D]; row b gets its token at positions[b]
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, positions] = k[:, :, 0]
-        self.v[rows, :, positions] = v[:, :, 0]
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat indices (into ``k.view(-1, D)``) of each row's ``positions[b]``, every head. -> [B*H]"""
+        _, heads, max_seq, _ = self.k.shape
+        batch = positions.shape[0]
+        base = torch.arange(batch * heads, device=positions.device).view(batch, heads) * max_seq  # [B, H]
+        return (base + positions.unsqueeze(1)).flatten()
+
+    def write_step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [B, H, 1, D] -> the slots of each row's own position. index_copy_ of whole D-vectors:
+        # advanced indexing (k[rows, :, positions] = ...) is several times slower here.
+        head_dim = k.shape[-1]
+        self.k.view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
+        self.v.view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
 
     def view(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:batch, :, :length], self.v[:batch, :, :length]  # [B, H, L, D]
@@ -93,14 +119,14 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str,
-                row: int = 0, positions: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -109,14 +135,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if mode == "decode":
-            assert self.cache is not None and positions is not None and mask is not None
-            self.cache.write_step(positions, k, v)
+            assert self.cache is not None and slots is not None and mask is not None
+            self.cache.write_step(slots, k, v)
             k, v = self.cache.view(batch, mask.shape[-1])  # [B, KV, L, D]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             if mode == "prefill":
-                assert self.cache is not None
-                self.cache.write_prompt(row, k, v)
+                assert self.cache is not None and rows is not None
+                self.cache.write_prompt(rows, k, v)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out)
@@ -125,9 +151,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -149,7 +175,7 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -159,7 +185,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTable(config.head_dim, config.max_position_embeddings, config.rope_theta)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -193,21 +219,33 @@ class Llama(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         return self.lm_head(self._run(tokens, positions, mode="full"))
 
-    def prefill(self, tokens: torch.Tensor, row: int) -> torch.Tensor:
-        """Fill cache row ``row`` with the prompt ``tokens`` [1, T]. -> last position's logits [V]"""
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-        hidden = self._run(tokens, positions, mode="prefill", row=row)
-        return self.lm_head(hidden[0, -1])
+    def prefill(self, tokens: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Fill cache rows ``rows`` [N] with the prompts ``tokens`` [N, T], right-padded; each is
+        ``lengths[n]`` long. -> each prompt's last-position logits [N, V]"""
+        batch, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device).expand(batch, -1)
+        hidden = self._run(tokens, positions, mode="prefill", rows=rows)  # [N, T, hidden]
+        last = hidden[torch.arange(batch, device=tokens.device), lengths - 1]  # [N, hidden]
+        return self.lm_head(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]"""
-        length = int(positions.max()) + 1
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]
+
+        ``length`` (max position + 1) saves a device sync when the caller already knows it.
+        """
+        if length is None:
+            length = int(positions.max()) + 1
         keys = torch.arange(length, device=tokens.device)
-        mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]  # [B, 1, 1, L]
-        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode",
-                           positions=positions, mask=mask)
+        # Row b sees its own positions 0..positions[b]; longer rows' keys are masked out. An additive
+        # mask built once per step: SDPA would otherwise convert a boolean one in every layer.
+        hidden_mask = keys.unsqueeze(0) > positions.unsqueeze(1)  # [B, L]
+        mask = torch.zeros(hidden_mask.shape, dtype=self.lm_head.weight.dtype, device=tokens.device)
+        mask = mask.masked_fill_(hidden_mask, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
+        slots = self.model.layers[0].self_attn.cache.slots(positions)  # the same in every layer
+        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask)
         return self.lm_head(hidden[:, 0])
 
     def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of row ``src`` into row ``dst`` in every layer."""
         for layer in self.model.layers:
             layer.self_attn.cache.move_row(src, dst, length)

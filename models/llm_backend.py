@@ -8,13 +8,17 @@ import torch
 
 from models.api import TextDelta
 from models.checkpoint import load_config, load_meta, load_model
-from models.errors import ModelError
-from models.runner import LlamaRunner
+from models.errors import ModelError, RivuletError
+from models.runner import LlamaRunner, StepResult
 from models.scheduler import Scheduler, Ticket
 from models.sequence import Sequence
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("rivulet.engine")
+
+# What one request's own work may raise without harming the others: its prompt, its sampling, its
+# detokenization. Anything else from a step (the batched forward pass) is engine-wide.
+REQUEST_ERRORS = (RivuletError, RuntimeError, ValueError, IndexError, KeyError, UnicodeError)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -23,6 +27,11 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     meta = load_meta(directory, config)
     return Tokenizer(directory / "tokenizer.model", bos_id=meta.bos_token_id, eos_ids=meta.eos_token_ids,
                      add_bos=meta.add_bos_token, chat_template=meta.chat_template)
+
+
+def as_model_error(exc: Exception, what: str) -> RivuletError:
+    """A request's own failure as the error its client sees (typed errors pass through)."""
+    return exc if isinstance(exc, RivuletError) else ModelError(f"{what} failed: {exc}")
 
 
 class LlamaBackend:
@@ -35,11 +44,15 @@ class LlamaBackend:
         self.name = directory.name
         self.config = load_config(directory)  # cheap and early: a bad config.json fails at start-up
         self.tokenizer = load_tokenizer(directory)
+        self.eos_ids = frozenset(self.tokenizer.eos_ids)
         self.context_length = self.config.max_position_embeddings
         self.runner: LlamaRunner | None = None
 
     def load(self) -> None:
         """Runs on the engine thread: the weights and the cache live there."""
+        if self.device.type == "cuda":
+            # The current CUDA device is per thread: make this thread's the model's (cuda:N).
+            torch.cuda.set_device(self.device)
         model = load_model(self.directory, self.device)
         self.runner = LlamaRunner(model, self.max_batch)
         log.info("loaded %s on %s (%s)", self.directory, self.device, model.lm_head.weight.dtype)
@@ -53,34 +66,46 @@ class LlamaBackend:
 
     def step(self, scheduler: Scheduler) -> None:
         """Prefill what was admitted, then one decode step shared by every running sequence."""
-        assert self.runner is not None
-        for ticket in scheduler.admit():
-            seq = Sequence(ticket.request, self.tokenizer, frozenset(self.tokenizer.eos_ids), self.context_length)
-            ticket.work = seq
-            ticket.prompt_tokens = len(seq.request.prompt_ids)
-            try:
-                token = self.runner.prefill(seq)
-            except (RuntimeError, ValueError, IndexError) as exc:  # this request's fault, not the engine's
-                log.exception("prefill failed for %s", ticket.request_id)
-                scheduler.finish(ticket, "error", ModelError(f"prefill failed: {exc}"))
-                continue
-            reason = self._append(ticket, token)
-            if reason:
-                scheduler.finish(ticket, reason)
-        self._decode(scheduler)
+        if self.runner is None:
+            raise RuntimeError("LlamaBackend.step before load()")
+        admitted = scheduler.admit()
+        if admitted:
+            self._prefill(scheduler, admitted)
+        if self.runner.rows:
+            self._hand_out(scheduler, self.runner.decode(), "decoding")
 
-    def _decode(self, scheduler: Scheduler) -> None:
-        steps = self.runner.decode()
-        by_seq = {id(t.work): t for t in scheduler.running}
-        finished: list[tuple[Ticket, str]] = []
-        # Append every token first, then release: moving a cache row needs each row's length settled.
-        for seq, token in steps:
-            ticket = by_seq[id(seq)]
-            reason = self._append(ticket, token)
+    def _prefill(self, scheduler: Scheduler, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)
+            ticket.prompt_tokens = len(ticket.request.prompt_ids)
+        try:
+            results = self.runner.prefill([t.work for t in tickets])
+        except REQUEST_ERRORS as exc:  # the prompts' pass failed (say, out of memory): fail them, not all
+            log.warning("prefill failed for %d requests: %s", len(tickets), exc)
+            for ticket in tickets:
+                scheduler.finish(ticket, "error", as_model_error(exc, "prefill"))
+            return
+        self._hand_out(scheduler, results, "prefill")
+
+    def _hand_out(self, scheduler: Scheduler, results: list[StepResult], what: str) -> None:
+        """Send each row's new text, then finish the requests that ended (or failed) at this step."""
+        tickets = {id(t.work): t for t in scheduler.running}
+        finished: list[tuple[Ticket, str, RivuletError | None]] = []
+        for result in results:
+            ticket = tickets[id(result.seq)]
+            if result.error is not None:
+                finished.append((ticket, "error", result.error))
+                continue
+            try:
+                reason = self._append(ticket, result.token)
+            except REQUEST_ERRORS as exc:  # this request's detokenization or sink, not the engine's
+                log.warning("request %s failed in %s: %s", ticket.request_id, what, exc)
+                finished.append((ticket, "error", as_model_error(exc, what)))
+                continue
             if reason:
-                finished.append((ticket, reason))
-        for ticket, reason in finished:
-            scheduler.finish(ticket, reason)
+                finished.append((ticket, reason, None))
+        for ticket, reason, error in finished:
+            scheduler.finish(ticket, reason, error)
 
     def _append(self, ticket: Ticket, token: int) -> str | None:
         seq: Sequence = ticket.work

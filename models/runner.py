@@ -1,16 +1,37 @@
-"""The batched model runner: one cache row per running sequence, prefill, one shared decode step.
+"""The batched model runner: one cache row per running sequence, batched prefill, one shared decode step.
 
 Rows are kept compact: running sequences always occupy rows 0..B-1, so the decode step attends over a
 view of the cache. When a sequence leaves, the last row's cache moves into its place (one copy per
 finished request, not per step).
+
+The runner counts each row's cached positions itself rather than deriving them from the sequence's
+tokens: a row's newest sampled token is never cached yet, and a failed step may have cached a
+position without appending a token, so only the runner knows how much of a row is real.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from models.errors import ContextLengthExceeded, InvalidRequest, ModelError, RivuletError
 from models.llama import Llama
 from models.sampling import make_generator, sample
 from models.sequence import Sequence
+
+
+# Padded prompt tokens per prefill pass: big enough that a burst of short prompts shares one pass,
+# small enough that its activations stay modest on a CPU.
+PREFILL_TOKEN_BUDGET = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One row's outcome of a prefill or decode step: its next token, or why this request failed."""
+
+    seq: Sequence
+    token: int | None
+    error: RivuletError | None = None
 
 
 class LlamaRunner:
@@ -18,39 +39,101 @@ class LlamaRunner:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
-        model.setup_cache(max_batch)
+        self.max_seq = model.config.max_position_embeddings
+        model.setup_cache(max_batch, self.max_seq)
         self.rows: list[Sequence] = []
+        self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
 
-    def prefill(self, seq: Sequence) -> int:
-        """Put ``seq`` in a free row, run its prompt, -> its first sampled token."""
-        if len(self.rows) >= self.max_batch:
+    def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
+        """Give each of ``seqs`` a free row, run their prompts, -> each one's first sampled token.
+
+        Prompts go through the model together, right-padded, in groups of at most
+        ``PREFILL_TOKEN_BUDGET`` padded tokens (a burst of arrivals costs a few batched passes, not
+        one pass each). A request's own problem (an empty or too long prompt, NaN logits) is its
+        ``StepResult.error``. Every sequence holds its row until the caller releases it.
+        """
+        if len(self.rows) + len(seqs) > self.max_batch:
             raise RuntimeError("no free cache row")  # the scheduler never admits past max_batch
-        seq.row = len(self.rows)
-        self.rows.append(seq)
-        seq.generator = make_generator(seq.params, self.device)
-        prompt = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device).unsqueeze(0)
-        logits = self.model.prefill(prompt, seq.row)  # [V]
-        return sample(logits.unsqueeze(0), [seq.params], [seq.generator])[0]
+        results: dict[int, StepResult] = {}
+        valid: list[Sequence] = []
+        for seq in seqs:
+            seq.row = len(self.rows)
+            self.rows.append(seq)
+            self.cached.append(0)
+            error = self._prompt_error(seq.request.prompt_ids)
+            if error is not None:
+                results[id(seq)] = StepResult(seq, None, error)
+            else:
+                seq.generator = make_generator(seq.params, self.device)
+                valid.append(seq)
+        for group in self._prefill_groups(valid):
+            for result in self._prefill_group(group):
+                results[id(result.seq)] = result
+        return [results[id(seq)] for seq in seqs]
 
-    def decode(self) -> list[tuple[Sequence, int]]:
-        """One step for every running sequence. -> (sequence, its next token) in row order."""
+    def _prompt_error(self, prompt_ids: list[int]) -> RivuletError | None:
+        if not prompt_ids:
+            return InvalidRequest("the prompt is empty", param="prompt")
+        if len(prompt_ids) >= self.max_seq:
+            return ContextLengthExceeded(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_seq} including "
+                "at least one generated token", param="prompt")
+        return None
+
+    @staticmethod
+    def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+        groups: list[list[Sequence]] = []
+        longest = 0
+        for seq in seqs:
+            length = len(seq.request.prompt_ids)
+            if groups and max(longest, length) * (len(groups[-1]) + 1) <= PREFILL_TOKEN_BUDGET:
+                groups[-1].append(seq)
+                longest = max(longest, length)
+            else:
+                groups.append([seq])
+                longest = length
+        return groups
+
+    def _prefill_group(self, group: list[Sequence]) -> list[StepResult]:
+        lengths_list = [len(s.request.prompt_ids) for s in group]
+        width = max(lengths_list)
+        padded = [s.request.prompt_ids + [0] * (width - len(s.request.prompt_ids)) for s in group]
+        tokens = torch.tensor(padded, dtype=torch.long, device=self.device)  # [N, T]
+        rows = torch.tensor([s.row for s in group], dtype=torch.long, device=self.device)
+        lengths = torch.tensor(lengths_list, dtype=torch.long, device=self.device)
+        logits = self.model.prefill(tokens, rows, lengths)  # [N, V]
+        for seq, length in zip(group, lengths_list):
+            self.cached[seq.row] = length
+        sampled = sample(logits, [s.params for s in group], [s.generator for s in group])
+        return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
+                for seq, out in zip(group, sampled)]
+
+    def decode(self) -> list[StepResult]:
+        """One step for every running sequence, in row order."""
         if not self.rows:
             return []
+        # A row's newest token sits at the position after its cached ones.
+        positions_list = list(self.cached)
         tokens = torch.tensor([s.last_token for s in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.num_tokens - 1 for s in self.rows], dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, positions)  # [B, V]
-        next_tokens = sample(logits, [s.params for s in self.rows], [s.generator for s in self.rows])
-        return list(zip(list(self.rows), next_tokens))
+        positions = torch.tensor(positions_list, dtype=torch.long, device=self.device)
+        logits = self.model.decode(tokens, positions, max(positions_list) + 1)  # [B, V]
+        self.cached = [n + 1 for n in positions_list]
+        rows = list(self.rows)
+        sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows])
+        return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
+                for seq, out in zip(rows, sampled)]
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s row; the last row moves into the hole to keep rows compact."""
-        if seq.row < 0 or seq.row >= len(self.rows) or self.rows[seq.row] is not seq:
+        row = seq.row
+        if row < 0 or row >= len(self.rows) or self.rows[row] is not seq:
             return
-        last = self.rows[-1]
-        if last is not seq:
-            cached = last.num_tokens - 1  # positions written so far: the newest token is not cached yet
-            self.model.move_cache_row(last.row, seq.row, cached)
-            self.rows[seq.row] = last
-            last.row = seq.row
+        last_row = len(self.rows) - 1
+        if row != last_row:
+            last = self.rows[last_row]
+            self.model.move_cache_row(last_row, row, self.cached[last_row])
+            self.rows[row], self.cached[row] = last, self.cached[last_row]
+            last.row = row
         self.rows.pop()
+        self.cached.pop()
         seq.row = -1

@@ -1,47 +1,95 @@
-"""Turning a batch of logits into next tokens, each row with its own sampling parameters."""
+"""Turning a batch of logits into next tokens, each row with its own sampling parameters.
+
+Filtering (temperature, top-k, top-p) is done for the whole batch at once; only the final draw is per
+row, because each request has its own ``torch.Generator`` (the same seed gives the same text whatever
+else shares the batch).
+"""
 from __future__ import annotations
 
 import torch
 
 from models.api import SamplingParams
+from models.errors import ModelError
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A per-request RNG: the same seed gives the same text, whatever else shares the batch."""
+    """A per-request RNG; greedy requests need none."""
     if params.greedy:
         return None
     generator = torch.Generator(device=device)
     if params.seed is None:
-        generator.seed()
+        generator.seed()  # fresh entropy: unseeded requests differ from each other
     else:
         generator.manual_seed(params.seed)
     return generator
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p for one row. logits [V] -> filtered logits [V] (fp32)."""
-    logits = logits.float() / params.temperature
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+def _top_k_width(top_k: int, vocab: int) -> int:
+    """How many tokens top-k keeps; -1 (or 0, or more than the vocabulary) keeps them all."""
+    return top_k if 0 < top_k < vocab else vocab
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (HF's order) for every row. logits [B, V] -> fp32 [B, V].
+
+    Filtered-out tokens get -inf. Subtracting each row's maximum before dividing by the temperature
+    keeps tiny temperatures finite (the best token stays at 0, the rest go towards -inf).
+    """
+    logits = logits.float()
+    batch, vocab = logits.shape
+    if any(p.temperature != 1.0 for p in params):
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = (logits - logits.max(-1, keepdim=True).values) / temperature.unsqueeze(1)
+    widths = [_top_k_width(p.top_k, vocab) for p in params]
+    if all(w == vocab for w in widths) and all(p.top_p >= 1.0 for p in params):
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
+    top_k = torch.tensor(widths, device=logits.device).unsqueeze(1)  # [B, 1]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
+    # top-p over what top-k kept: drop a token once the tokens ranked before it reach top_p.
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device).unsqueeze(1)  # [B, 1]
+    drop = mass_before >= top_p
+    drop[:, 0] = False  # the most likely token always stays, even with top_p = 0
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``probs`` [B, V] by inverse transform sampling.
+
+    Each row takes a single uniform number from its own generator; the search through the cumulative
+    distribution is batched. (``torch.multinomial`` per row draws V exponentials per token, which cost
+    more than the decode step's attention at batch 64.)
+    """
+    uniforms = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])  # [B]
+    cdf = probs.cumsum(-1)  # [B, V]
+    targets = uniforms.unsqueeze(1) * cdf[:, -1:]  # scaled by the total: rounding never runs off the end
+    # The first token whose cumulative probability passes the target; zero-probability tokens never are.
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+    return tokens.clamp_(max=probs.shape[-1] - 1).tolist()
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] -> one token id per row."""
-    tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows are done here, all at once
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        probs = filter_logits(logits[row], p).softmax(-1)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
-    return tokens
+           generators: list[torch.Generator | None]) -> list[int | ModelError]:
+    """logits [B, V] -> one token id per row.
+
+    A row that cannot be sampled (non-finite logits) gets a ``ModelError`` instead of a token, so one
+    request's failure ends that request only.
+    """
+    # A row's sum is finite exactly when all its logits are (NaN and inf propagate): one cheap pass,
+    # where isfinite(logits).all(-1) costs several.
+    finite = torch.isfinite(logits.float().sum(-1)).tolist()
+    results: list[int | ModelError] = torch.argmax(logits, dim=-1).tolist()  # greedy rows, all at once
+    random_rows = [row for row, p in enumerate(params) if not p.greedy and finite[row]]
+    if random_rows:
+        chosen = logits if len(random_rows) == len(params) else logits[random_rows]
+        probs = filter_logits(chosen, [params[row] for row in random_rows]).softmax(-1)
+        for row, token in zip(random_rows, draw(probs, [generators[row] for row in random_rows])):
+            results[row] = token
+    for row, ok in enumerate(finite):
+        if not ok:
+            results[row] = ModelError("the model produced non-finite logits (NaN or infinity)")
+    return results

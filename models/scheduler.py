@@ -65,9 +65,10 @@ class Scheduler:
     def add(self, ticket: Ticket) -> None:
         self.waiting.append(ticket)
 
-    def admit(self) -> list[Ticket]:
+    def admit(self, limit: int | None = None) -> list[Ticket]:
+        """Move waiting tickets to running, up to ``max_batch`` running (and ``limit`` new ones, if given)."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch:
+        while self.waiting and len(self.running) < self.max_batch and (limit is None or len(admitted) < limit):
             ticket = self.waiting.popleft()
             self.left_waiting += 1
             ticket.state = RUNNING
@@ -85,17 +86,26 @@ class Scheduler:
         return count
 
     def finish(self, ticket: Ticket, reason: str, error: Exception | None = None) -> None:
+        """End ``ticket`` with ``reason``: free its slot and send its ``Finished``, once.
+
+        ``Finished`` goes out even when freeing the slot raises (a broken device): the client hears
+        the end of its request, and the exception goes on to fail the engine.
+        """
         if ticket.state == FINISHED:
             return
-        if ticket.state == RUNNING:
+        was_running = ticket.state == RUNNING
+        if was_running:
             self.running.remove(ticket)
-            self.on_release(ticket)
         else:
             self.waiting.remove(ticket)
             self.left_waiting += 1
         ticket.state = FINISHED
-        ticket.work = None
-        ticket.sink.put(Finished(reason, ticket.prompt_tokens, ticket.completion_tokens, error))
+        try:
+            if was_running:
+                self.on_release(ticket)
+        finally:
+            ticket.work = None
+            ticket.sink.put(Finished(reason, ticket.prompt_tokens, ticket.completion_tokens, error))
 
     def finish_all(self, reason: str, error: Exception | None = None) -> None:
         for ticket in [*self.running, *self.waiting]:

@@ -6,9 +6,10 @@ and, when the request is over, the finish reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from models.api import GenerationRequest
-from models.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
+from models.api import GenerationRequest, SamplingParams
+from models.tokenizer import DECODE_CONTEXT_TOKENS, IncrementalDecoder, StopMatcher, Tokenizer
 
 
 @dataclass(eq=False)
@@ -19,14 +20,15 @@ class Sequence:
     max_length: int  # the context: prompt + output may not pass it
     output_ids: list[int] = field(default_factory=list)
     row: int = -1  # the runner's cache row while running
-    generator: object = None  # the runner's per-request RNG
+    generator: Any = None  # the runner's per-request RNG (a torch.Generator; no torch import here)
 
     def __post_init__(self) -> None:
-        self.decoder = IncrementalDecoder(self.tokenizer)
+        context = self.request.prompt_ids[-DECODE_CONTEXT_TOKENS:]
+        self.decoder = IncrementalDecoder(self.tokenizer, context)
         self.stop = StopMatcher(self.request.sampling.stop)
 
     @property
-    def params(self):
+    def params(self) -> SamplingParams:
         return self.request.sampling
 
     @property
@@ -41,14 +43,19 @@ class Sequence:
         """Take the next sampled token. -> (text to send now, finish reason or None)."""
         self.output_ids.append(token)
         if token in self.eos_ids and not self.params.ignore_eos:
-            return self._flush(), "stop"
+            return self._flush("stop")
         text, stopped = self.stop.push(self.decoder.push(token))
         if stopped:
             return text, "stop"
+        # The newest token is not in the cache yet; decoding it would need a position past the context.
         if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_length:
-            return text + self._flush(), "length"
+            more, reason = self._flush("length")
+            return text + more, reason
         return text, None
 
-    def _flush(self) -> str:
+    def _flush(self, reason: str) -> tuple[str, str]:
+        """The end of the stream: release held text, which may still complete a stop string."""
         text, stopped = self.stop.push(self.decoder.flush())
-        return text if stopped else text + self.stop.flush()
+        if stopped:
+            return text, "stop"
+        return text + self.stop.flush(), reason

@@ -1,7 +1,7 @@
 """Sentencepiece tokenizer, the incremental (UTF-8-safe) decoder, and chat prompt rendering."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``. Ids past the tokenizer's pieces decode to nothing: a checkpoint's
+        ``vocab_size`` is often padded beyond its tokenizer, and a sampled padding id must not crash."""
+        size = self.sp.vocab_size()
+        if any(not 0 <= i < size for i in ids):
+            ids = [i for i in ids if 0 <= i < size]
         return self.sp.decode(ids)
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -98,21 +103,30 @@ def _compile(source: str):
         raise CheckpointError(f"tokenizer_config.json: field 'chat_template' does not compile ({exc})") from None
 
 
-@dataclass
+# How many prompt tokens the incremental decoder keeps as context (see IncrementalDecoder).
+DECODE_CONTEXT_TOKENS = 5
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas whose concatenation equals a full decode.
 
     Decodes a short window ``ids[prefix:]`` and emits what it adds beyond ``ids[prefix:read]``: both sides
     lose sentencepiece's leading space the same way, so spacing matches a full decode. A window that ends
     in U+FFFD is an incomplete UTF-8 character (byte-fallback pieces) and is held back.
+
+    ``context`` is the tail of the prompt. It is decoded but never emitted, so the first generated
+    token keeps the leading space a full decode of prompt + completion gives it (" world" after
+    "Hello", not "world").
     """
 
-    tokenizer: Tokenizer
-    ids: list[int] = field(default_factory=list)
-    prefix_offset: int = 0
-    read_offset: int = 0
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | tuple[int, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(context)
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
 
     def push(self, token_id: int) -> str:
+        """Take the next token. -> the text it completes (often "", never half a character)."""
         self.ids.append(token_id)
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
@@ -139,6 +153,9 @@ class StopMatcher:
 
     stops: tuple[str, ...]
     held: str = ""
+
+    def __post_init__(self) -> None:
+        self.stops = tuple(s for s in self.stops if s)  # an empty stop string would match at once
 
     def push(self, text: str) -> tuple[str, bool]:
         """-> (text safe to emit now, stopped)."""

@@ -65,7 +65,7 @@ def live_server(env: dict[str, str] | None = None, *, log_dir: Path, ready_timeo
             try:
                 if requests.get(server.url + "/ready", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still booting
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log()}")

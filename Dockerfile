@@ -1,0 +1,49 @@
+# Rivulet in a container: gunicorn with the gevent worker, the shipped demo model inside.
+#
+#   CPU:  docker build -t rivulet .
+#         docker run --rm -p 8080:8080 -e RIVULET_API_KEYS=secret rivulet
+#   GPU:  docker build -t rivulet:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#         docker run --rm --gpus all -p 8080:8080 -e RIVULET_DEVICE=cuda rivulet:cuda
+#         (torch's CUDA wheels bring their own CUDA runtime; the host needs only an NVIDIA driver recent
+#         enough for that CUDA version (cu128 = CUDA 12.8) and the NVIDIA container toolkit, so the slim
+#         base serves both variants)
+#   Own model: mount it and point RIVULET_MODEL at it, e.g.
+#         docker run -v /srv/llama:/models/llama:ro -e RIVULET_MODEL=/models/llama ... rivulet
+# Every setting is an environment variable (RIVULET_*, see README); nothing is baked in but the defaults.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
+
+# Which torch build pip picks for requirements.txt's torch pin: CPU wheels by default (a plain PyPI torch
+# pulls gigabytes of CUDA libraries); a CUDA index for the GPU variant.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The server runs as an unprivileged user (numeric, so any host resolves it); the code and model stay
+# root-owned and read-only to it.
+RUN groupadd --gid 10001 rivulet \
+    && useradd --no-log-init --create-home --uid 10001 --gid 10001 rivulet
+
+WORKDIR /app
+
+# Dependencies first, in their own layer: code changes do not reinstall torch.
+COPY requirements.txt ./
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
+
+COPY gunicorn.conf.py wsgi.py ./
+COPY service/ service/
+COPY models/ models/
+
+USER 10001:10001
+
+EXPOSE 8080
+
+# /ready is 200 once the model is loaded and the engine thread alive (503 before, and after a failure).
+# The slim image has no curl: Python's urllib raises on a non-2xx answer, which exits non-zero.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=4)"]
+
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

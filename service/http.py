@@ -1,0 +1,101 @@
+"""Small helpers the routes share: the runtime, the JSON body (size-limited), and streaming a Job as SSE."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, request
+
+from models.errors import BodyTooLarge, InvalidRequest, RivuletError
+from service import sse
+from service.errors import stream_error_payload
+from service.jobs import DONE, HEARTBEAT, Job
+from service.lifecycle import Runtime
+from service.request_log import RequestRecord, current_record
+
+log = logging.getLogger("rivulet.service")
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["rivulet"]
+
+
+def json_body() -> Any:
+    """The request's JSON, for every route that takes a body (use this, not ``request.get_json()``).
+
+    Bodies over RIVULET_MAX_BODY_BYTES get 413 and are never read past the limit: at once when
+    Content-Length says so (nothing is read), as soon as one byte past the limit arrives when chunked.
+    """
+    limit = runtime().settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the request body is {request.content_length} bytes; the limit is {limit} "
+                           "(RIVULET_MAX_BODY_BYTES)")
+    data = _read_at_most(limit)
+    if not data.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def _read_at_most(limit: int) -> bytes:
+    # Werkzeug's own limit (MAX_CONTENT_LENGTH) silently truncates a chunked body at the limit, so the
+    # app sets it one byte higher and the check is here: limit + 1 bytes read means too large.
+    stream = request.stream
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise BodyTooLarge(f"the request body is larger than the limit of {limit} bytes (RIVULET_MAX_BODY_BYTES)")
+    return b"".join(chunks)
+
+
+_READ_CHUNK = 64 * 1024
+
+
+def note_job(record: RequestRecord, job: Job) -> None:
+    """Copy what the job learned into the request's log line."""
+    record.prompt_tokens = job.prompt_tokens
+    record.completion_tokens = job.completion_tokens
+    record.time_to_first_token_s = job.time_to_first_token_s
+    record.finish_reason = job.finish_reason or ("cancelled" if not job.finished else None)
+
+
+def event_stream(job: Job) -> Response:
+    """Send ``job`` as an event stream: ``retry:`` first, an ``id:`` on every event, ``: ping`` while quiet,
+    ``[DONE]`` last. A client that hangs up makes the next write fail; gunicorn then closes this
+    generator, ``GeneratorExit`` rises at its ``yield``, and ``finally`` aborts the engine's work.
+    A bug while streaming still ends the stream properly (an internal_error event, then ``[DONE]``)."""
+    record = current_record()
+    metrics = runtime().metrics
+
+    def frames() -> Iterator[bytes]:
+        ids = sse.EventIds()
+        with metrics.open_stream():
+            try:
+                yield sse.retry()
+                try:
+                    for payload in job:
+                        if payload is HEARTBEAT:
+                            yield sse.comment("ping")
+                        else:
+                            yield ids.event(payload)
+                            if payload == DONE:
+                                return
+                except Exception:  # not GeneratorExit: a gone client is not an error
+                    log.exception("stream %s failed", job.request_id)
+                    yield ids.event(stream_error_payload(RivuletError("internal server error")))
+                    yield ids.event(DONE)
+            finally:
+                job.close()
+                note_job(record, job)
+
+    return sse.response(frames())

@@ -1,0 +1,82 @@
+"""OpenAI response objects: streamed chunks and whole (non-streaming) responses.
+
+Pure dict building, no I/O: ``service/jobs.py`` feeds it the engine's events. Chat chunks carry
+``delta.content`` (the first one also ``delta.role``); completion chunks carry ``text``. With
+``stream_options.include_usage`` every chunk has ``"usage": null`` and one last chunk with no choices
+carries the usage, as OpenAI does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+CHAT, COMPLETION = "chat", "completion"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class ResponseShape:
+    """What every object of one response shares: kind, id, creation time, model name."""
+
+    kind: str  # CHAT or COMPLETION
+    request_id: str
+    model: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _role_sent: bool = field(default=False, init=False, repr=False)  # the first delta carries the role
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.kind == CHAT else "cmpl-") + self.request_id
+
+    def _chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == CHAT else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice is not None else [],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        if self.kind == COMPLETION:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        delta: dict[str, Any] = {}
+        if not self._role_sent:
+            delta["role"] = "assistant"
+            self._role_sent = True
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        return self._chunk(self._choice(text, None))
+
+    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
+        """The chunk that carries the finish reason (its delta is empty unless nothing came before)."""
+        return self._chunk(self._choice("" if not self._role_sent else None, finish_reason))
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        chunk = self._chunk(None)
+        chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        return chunk
+
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """A non-streaming response."""
+        if self.kind == CHAT:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,91 @@
+"""One structured log line and one ``rivulet_requests_total`` count per request, plus ``X-Request-Id``.
+
+The line is written when the response is closed: for a stream that is after its last event (or after
+the client hung up), so it can carry token counts, time to first token and the finish reason.
+Nothing from the request's headers is logged (API keys never reach the log).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from flask import Flask, Response, g, request
+
+from service.metrics import Metrics
+
+log = logging.getLogger("rivulet.request")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# A caller's own id is kept (to correlate logs across services) when it is short and harmless.
+_ACCEPTED_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    status: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token_s: float | None = None
+    finish_reason: str | None = None
+    _closed: bool = False
+
+    def close(self, metrics: Metrics) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        metrics.requests.labels(route=self.route, status=str(self.status)).inc()
+        log.info(json.dumps({
+            "event": "request",
+            "request_id": self.request_id,
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token_s": _round(self.time_to_first_token_s),
+            "duration_s": _round(time.monotonic() - self.started),
+            "finish_reason": self.finish_reason,
+        }, separators=(",", ":")))
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
+
+
+def current_record() -> RequestRecord:
+    return g.rivulet_record
+
+
+def init_app(app: Flask, metrics: Metrics) -> None:
+    """Register first, so that every other hook (auth, limits) already has a request id to log."""
+
+    @app.before_request
+    def _open_record() -> None:
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = offered if _ACCEPTED_ID.fullmatch(offered) else new_request_id()
+        # The rule, not the path: a label per URL would grow without bound.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        g.rivulet_record = RequestRecord(request_id, request.method, route)
+
+    @app.after_request
+    def _close_record_with_response(response: Response) -> Response:
+        record: RequestRecord | None = g.get("rivulet_record")
+        if record is None:  # a failure before our first hook ran
+            return response
+        record.status = response.status_code
+        response.headers[REQUEST_ID_HEADER] = record.request_id
+        # Runs after the body was sent (or the client left): a stream's generator has finished by then.
+        response.call_on_close(lambda: record.close(metrics))
+        return response

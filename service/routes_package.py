@@ -1,0 +1,32 @@
+"""POST /v1/infer: a non-streaming model package's answer as one JSON object.
+
+Streaming packages (``IS_STREAMING_OUTPUT = True``) answer on ``/v1/sse`` (service/routes_openai.py),
+which serves every kind of model; this route exists for clients that want a plain request/response.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from models.errors import InvalidRequest
+from service.http import json_body, note_job, runtime
+from service.jobs import PACKAGE, start_job
+from service.request_log import current_record
+
+bp = Blueprint("package", __name__)
+
+
+@bp.post("/v1/infer")
+def infer() -> Response:
+    rt = runtime()
+    if rt.backend.kind != PACKAGE:
+        raise InvalidRequest(f"this server runs the LLM '{rt.model_name}', not a model package: use "
+                             "/v1/chat/completions or /v1/completions")
+    if rt.backend.is_streaming:
+        raise InvalidRequest(f"the package '{rt.model_name}' streams its output (IS_STREAMING_OUTPUT = True): "
+                             "POST the same body to /v1/sse")
+    record = current_record()
+    job = start_job(rt, PACKAGE, json_body(), request_id=record.request_id)
+    try:
+        return jsonify(job.collect())
+    finally:
+        note_job(record, job)

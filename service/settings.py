@@ -1,0 +1,106 @@
+"""Rivulet's settings: one frozen object, read once from ``RIVULET_*`` environment variables.
+
+Every field ``name`` is set by the variable ``RIVULET_<NAME>``; an unset or empty variable keeps the
+default. Lists are comma-separated. ``create_app`` reads them with ``Settings.from_env()``; tests pass
+overrides (``Settings.from_env({}, max_batch=2)``) instead of touching ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "RIVULET_"
+MiB = 1024 * 1024
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Rivulet cannot use. Raised at start-up, names the variable."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- the model and where it runs ---
+    # An HF-layout Llama checkpoint directory, or a model package (app.py + input_schema.py).
+    model: Path = DEMO_MODEL_DIR
+    # auto = the first CUDA device when there is one, else the CPU.
+    device: str = "auto"
+    # Sequences decoded together in one step (also the number of KV-cache rows allocated).
+    max_batch: int = Field(32, ge=1)
+
+    # --- who may call, and how much ---
+    # Accepted tokens (X-Auth-Token: T or Authorization: Bearer T). Empty = no authentication.
+    api_keys: tuple[str, ...] = ()
+    # Larger request bodies get 413 before they are read (Content-Length) or once they pass it (chunked).
+    max_body_bytes: int = Field(12 * MiB, ge=1)
+    # A request still running this long after it arrived ends with a timeout error event.
+    request_timeout_s: float = Field(40.0, gt=0)
+    # Requests queued beyond the running batch; past it, 429 with Retry-After. Every request passes
+    # through the queue, so at least 1.
+    max_waiting: int = Field(256, ge=1)
+    # A stream quiet this long gets an SSE comment (": ping"), which also probes for a gone client.
+    heartbeat_s: float = Field(15.0, gt=0)
+
+    # --- browsers: CORS and resumable streams (/v1/streams) ---
+    # Origins allowed to call the API from a page served elsewhere. Empty = no CORS headers.
+    cors_origins: tuple[str, ...] = ()
+    # A resumable stream with no reader connected this long is cancelled.
+    stream_reader_grace_s: float = Field(30.0, gt=0)
+    # A finished resumable stream is kept this long for reconnects, then answers 404.
+    stream_retention_s: float = Field(300.0, gt=0)
+    # Replay-buffer bounds: events and bytes per stream, bytes for all streams of a worker.
+    stream_max_events: int = Field(4096, ge=1)
+    stream_max_bytes: int = Field(4 * MiB, ge=1)
+    stream_total_bytes: int = Field(256 * MiB, ge=1)
+
+    # --- tests ---
+    # Enables test-only routes (e.g. forcing a stream's connection to drop). Never in production.
+    test_hooks: bool = False
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + field.upper()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``RIVULET_*`` variables of ``environ`` (``os.environ`` if None), then overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in cls.model_fields:
+            raw = environ.get(cls.env_name(field), "").strip()
+            if raw:
+                values[field] = raw
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{cls.env_name(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None

@@ -1,0 +1,127 @@
+"""Limits on the real server: body size (413), a full queue (429), the request timeout, queued hang-ups.
+
+The server decodes one sequence at a time with room for four more in the queue, so a few long requests
+fill it; the request timeout is short so that queued requests run out of time.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import requests
+from httpx_sse import connect_sse
+
+from tests.integration.streams import metric, open_stream, read_until, send_request, wait_for_metric
+from tests.live_server import live_server
+from tests.sse_client import DONE, payloads
+
+MiB = 1024 * 1024
+LONG = {"messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 480, "ignore_eos": True,
+        "temperature": 0, "stream": True}
+SETTINGS = {"RIVULET_MAX_BATCH": "1", "RIVULET_MAX_WAITING": "4", "RIVULET_REQUEST_TIMEOUT_S": "3",
+            "RIVULET_HEARTBEAT_S": "0.25"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with live_server(SETTINGS, log_dir=tmp_path_factory.mktemp("limits")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def idle(server):
+    """Each test starts with an empty engine (the previous one's requests aborted or timed out)."""
+    assert wait_for_metric(server, "rivulet_requests_running", 0) == 0
+    assert wait_for_metric(server, "rivulet_requests_waiting", 0) == 0
+    return server
+
+
+def test_413_from_content_length_before_the_body_is_sent(idle):
+    url = urlsplit(idle.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(13 * MiB).encode() + b"\r\n\r\n")
+        head = read_until(sock, b"\r\n\r\n")  # not one byte of the body was sent
+    assert head.startswith(b"HTTP/1.1 413 ")
+
+
+def test_413_for_a_13_mib_body(idle):
+    response = requests.post(idle.url + "/v1/chat/completions", data=b"x" * (13 * MiB), timeout=60)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_413_for_a_chunked_13_mib_body(idle):
+    def body():  # a generator body is sent with Transfer-Encoding: chunked, no Content-Length
+        for _ in range(13 * 16):
+            yield b" " * (MiB // 16)
+
+    response = requests.post(idle.url + "/v1/completions", data=body(), timeout=60)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert requests.get(idle.url + "/ready", timeout=10).status_code == 200
+
+
+def test_a_chunked_body_under_the_limit_is_served(idle):
+    def body():
+        yield b'{"prompt": "hello", '
+        yield b'"max_tokens": 2, "ignore_eos": true}'
+
+    response = requests.post(idle.url + "/v1/completions", data=body(), timeout=60)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_full_queue_is_429_and_a_queued_client_that_leaves_is_dropped(idle):
+    running = open_stream(idle, LONG)  # has its first token: it holds the only batch slot
+    queued = [open_stream(idle, LONG, until=b"retry:") for _ in range(4)]
+    try:
+        assert wait_for_metric(idle, "rivulet_requests_waiting", 4) == 4
+        refused = requests.post(idle.url + "/v1/chat/completions", json=LONG, timeout=10)
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        # A queued client hangs up: its next heartbeat write fails and its request leaves the queue.
+        cancelled = metric(idle, "rivulet_requests_cancelled_total")
+        queued.pop().close()
+        assert wait_for_metric(idle, "rivulet_requests_cancelled_total", cancelled + 1) == cancelled + 1
+        assert metric(idle, "rivulet_requests_waiting") <= 3
+    finally:
+        for sock in [running, *queued]:
+            sock.close()
+
+
+def test_requests_past_the_timeout_end_with_a_timeout_event(idle):
+    def one(_):
+        with httpx.Client(timeout=60) as client:
+            with connect_sse(client, "POST", idle.url + "/v1/chat/completions", json=LONG) as source:
+                return payloads(list(source.iter_sse()))
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        streams = list(pool.map(one, range(5)))
+    endings = []
+    for chunks in streams:
+        assert chunks[-1] == DONE
+        last = chunks[-2]
+        if "error" in last:
+            assert last["error"] == {"message": last["error"]["message"], "type": "timeout", "code": "request_timeout"}
+            endings.append("timeout")
+        else:
+            endings.append(last["choices"][0]["finish_reason"])
+    assert "timeout" in endings and set(endings) <= {"timeout", "length"}
+    # The timed-out work was dropped: nothing is left running or queued.
+    assert wait_for_metric(idle, "rivulet_requests_running", 0) == 0
+    assert metric(idle, "rivulet_requests_waiting") == 0
+
+
+def test_a_queued_stream_pings_while_it_waits(idle):
+    running = open_stream(idle, LONG)
+    queued = send_request(idle, "/v1/chat/completions", LONG)
+    try:
+        received = read_until(queued, b": ping\n", count=2)
+        assert b'"content"' not in received  # still waiting for the batch slot
+    finally:
+        running.close()
+        queued.close()

@@ -1,0 +1,163 @@
+"""Helpers for the engine tests: tiny checkpoints on disk, a recording sink, an engine on a thread.
+
+Everything is CPU-only and made here (no downloads): a sentencepiece tokenizer trained on a short
+built-in corpus with byte fallback, and Llama checkpoints with seeded random weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import sentencepiece as spm
+import torch
+
+from models.api import Finished, GenerationRequest, SamplingParams, TextDelta
+from models.checkpoint import save_checkpoint
+from models.config import LlamaConfig
+from models.engine import Engine
+from models.llama import Llama
+from models.llm_backend import LlamaBackend
+
+# Mixed scripts so the tokenizer has multi-byte pieces; characters outside it (most emoji, rare
+# Chinese) become byte-fallback pieces.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+To be or not to be, that is the question. All that glitters is not gold; fortune favours the bold.
+Streams of tokens flow to many clients at once, and every client reads its own words in order.
+天下大事，必作于细。千里之行，始于足下。学而时习之，不亦说乎？有朋自远方来，不亦乐乎？
+知之为知之，不知为不知，是知也。海内存知己，天涯若比邻。春眠不觉晓，处处闻啼鸟。
+Café, naïve, résumé: accents are characters too. Numbers 0123456789 and symbols !?#%&*()[]{}.
+"""
+TOKENIZER_VOCAB = 400
+
+
+def train_tokenizer(directory: Path) -> Path:
+    """A small BPE sentencepiece model with byte fallback, like the demo's; -> its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text(CORPUS * 3, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=TOKENIZER_VOCAB,
+        model_type="bpe", byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    return directory / "tokenizer.model"
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """The ``tiny-gqa`` preset (grouped-query attention) with the tokenizer's vocabulary."""
+    values = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def random_model(config: LlamaConfig, seed: int, std: float = 0.02) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(config).init_weights(std)
+    with torch.no_grad():  # non-trivial norms, so a wrong norm shows up in comparisons
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def write_checkpoint(directory: Path, model: Llama, tokenizer: Path, *,
+                     tokenizer_config: dict | None = None) -> Path:
+    save_checkpoint(model, directory)
+    shutil.copyfile(tokenizer, directory / "tokenizer.model")
+    if tokenizer_config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    return directory
+
+
+@dataclass
+class RecordingSink:
+    """Collects a request's events; ``wait()`` blocks until its ``Finished`` arrives."""
+
+    events: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, Finished):
+            self.done.set()
+
+    def wait(self, timeout: float = 60.0) -> Finished:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request never finished")
+        return self.finished
+
+    @property
+    def finished(self) -> Finished:
+        ends = [e for e in self.events if isinstance(e, Finished)]
+        if len(ends) != 1 or self.events[-1] is not ends[0]:
+            raise AssertionError(f"expected exactly one Finished, last: {self.events}")
+        return ends[0]
+
+    @property
+    def deltas(self) -> list[str]:
+        return [e.text for e in self.events if isinstance(e, TextDelta)]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+class RecordingBackend(LlamaBackend):
+    """The real backend, also noting every sampled token id by request (tests compare ids, not text)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens: dict[str, list[int]] = {}
+
+    def _append(self, ticket, token):
+        self.tokens.setdefault(ticket.request_id, []).append(token)
+        return super()._append(ticket, token)
+
+
+def request(prompt_ids: list[int], *, deadline_s: float = 60.0, **sampling) -> GenerationRequest:
+    sampling.setdefault("temperature", 0.0)
+    return GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=list(prompt_ids),
+                             sampling=SamplingParams(**sampling), deadline=time.monotonic() + deadline_s)
+
+
+@contextlib.contextmanager
+def running_engine(backend, *, max_batch: int = 4, max_waiting: int = 16) -> Iterator[Engine]:
+    """An Engine whose ``run()`` is on a plain thread (no gevent in these tests), stopped afterwards."""
+    engine = Engine(backend, max_batch=max_batch, max_waiting=max_waiting, torch_threads=1)
+    thread = threading.Thread(target=engine.run, name="engine", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: engine.state != "starting", what="the engine to load")
+        yield engine
+    finally:
+        engine.shutdown()
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("the engine thread did not stop")
+
+
+def wait_for(condition, *, timeout: float = 30.0, what: str = "a condition") -> None:
+    """Poll ``condition`` (engine state changes happen on another thread)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def generate(engine: Engine, prompt_ids: list[int], **sampling) -> RecordingSink:
+    """Submit one request and wait for its end."""
+    sink = RecordingSink()
+    engine.submit(request(prompt_ids, **sampling), sink)
+    sink.wait()
+    return sink

@@ -1,0 +1,120 @@
+"""The model's cached paths (prefill + batched decode over rows of different lengths) against a full
+forward pass, and the runner's row bookkeeping when sequences leave mid-batch."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from models.api import GenerationRequest, SamplingParams
+from models.errors import ContextLengthExceeded, InvalidRequest
+from models.runner import LlamaRunner
+from models.sequence import Sequence
+from tests.models.support import random_model, tiny_config
+
+ATOL = 1e-4  # fp32; the paths differ only in summation order
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(max_position_embeddings=64), seed=1)
+
+
+def full_last_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0, -1]
+
+
+def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    return torch.tensor([p + [0] * (width - len(p)) for p in prompts]), torch.tensor([len(p) for p in prompts])
+
+
+def test_prefill_then_batched_decode_equals_full_forward(model):
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 400, (n,), generator=generator).tolist() for n in (5, 1, 11)]
+    with torch.inference_mode():
+        model.setup_cache(max_batch=4)
+        # Two prompts in one padded pass (rows 0 and 2), one alone (row 1).
+        tokens, lengths = padded([prompts[0], prompts[2]])
+        logits = model.prefill(tokens, torch.tensor([0, 2]), lengths)
+        torch.testing.assert_close(logits[0], full_last_logits(model, prompts[0]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits[1], full_last_logits(model, prompts[2]), atol=ATOL, rtol=0)
+        logits = model.prefill(torch.tensor([prompts[1]]), torch.tensor([1]), torch.tensor([1]))
+        torch.testing.assert_close(logits[0], full_last_logits(model, prompts[1]), atol=ATOL, rtol=0)
+        prompts = [prompts[0], prompts[1], prompts[2]]  # rows 0, 1, 2
+        # Several decode steps; every row at its own position, the mask hiding the others' extra keys.
+        for _ in range(6):
+            nxt = torch.randint(0, 400, (3,), generator=generator).tolist()
+            positions = torch.tensor([len(ids) for ids in prompts])
+            logits = model.decode(torch.tensor(nxt), positions)
+            for row, token in enumerate(nxt):
+                prompts[row].append(token)
+                torch.testing.assert_close(logits[row], full_last_logits(model, prompts[row]),
+                                           atol=ATOL, rtol=0)
+
+
+def test_decode_at_the_last_position_of_the_context(model):
+    ids = list(range(1, 64))  # 63 tokens: the 64th (the last position) goes through decode
+    with torch.inference_mode():
+        model.setup_cache(max_batch=1)
+        model.prefill(torch.tensor([ids]), torch.tensor([0]), torch.tensor([63]))
+        logits = model.decode(torch.tensor([7]), torch.tensor([63]))
+    torch.testing.assert_close(logits[0], full_last_logits(model, ids + [7]), atol=ATOL, rtol=0)
+
+
+class FixedTokens:
+    """Stands in for a Tokenizer in Sequence: the runner test needs ids, not text."""
+
+    eos_ids = (2,)
+
+    def decode(self, ids):
+        return ""
+
+
+def sequence(prompt: list[int], max_tokens: int = 50) -> Sequence:
+    req = GenerationRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                            time.monotonic() + 60)
+    return Sequence(req, FixedTokens(), frozenset({2}), max_length=64)
+
+
+@pytest.mark.parametrize("budget", [4096, 12])  # one padded pass for all, or one pass per prompt
+def test_runner_keeps_every_row_exact_when_rows_leave(model, monkeypatch, budget):
+    """Prefill rows of different lengths together, then release rows from the middle and the end
+    between steps: the moved rows must stay exact."""
+    monkeypatch.setattr("models.runner.PREFILL_TOKEN_BUDGET", budget)
+    with torch.inference_mode():
+        runner = LlamaRunner(model, max_batch=4)
+        seqs = [sequence([5 + i] * (3 + 4 * i)) for i in range(4)]
+        for result in runner.prefill(seqs):
+            assert result.error is None
+            assert result.token == int(torch.argmax(full_last_logits(model, result.seq.request.prompt_ids)))
+            result.seq.output_ids.append(result.token)
+        live = list(seqs)
+        for step in range(6):
+            if step == 2:
+                runner.release(live.pop(1))  # the last row moves into row 1
+            if step == 4:
+                runner.release(live.pop(0))
+            results = runner.decode()
+            assert [r.seq for r in results] == sorted(live, key=lambda s: s.row)  # rows 0..B-1 in order
+            logits_check = {id(s): full_last_logits(model, s.request.prompt_ids + s.output_ids) for s in live}
+            for result in results:
+                assert result.error is None
+                assert result.token == int(torch.argmax(logits_check[id(result.seq)]))
+                result.seq.output_ids.append(result.token)
+        assert sorted(s.row for s in live) == list(range(len(live)))
+
+
+def test_runner_fails_only_the_prompts_that_do_not_fit(model):
+    with torch.inference_mode():
+        runner = LlamaRunner(model, max_batch=3)
+        too_long, empty, fine = sequence(list(range(64))), sequence([]), sequence([1, 2, 3])
+        results = runner.prefill([too_long, empty, fine])
+        assert isinstance(results[0].error, ContextLengthExceeded)
+        assert isinstance(results[1].error, InvalidRequest)
+        assert results[2].error is None and results[2].token is not None
+        runner.release(too_long)
+        runner.release(empty)
+        assert runner.rows == [fine] and runner.cached == [3] and fine.row == 0

@@ -1,0 +1,62 @@
+"""Settings: defaults, RIVULET_* variables, validation that names the variable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import DEMO_MODEL_DIR, Settings, SettingsError
+
+
+def test_defaults_match_design():
+    s = Settings.from_env({})
+    assert s.model == DEMO_MODEL_DIR and (DEMO_MODEL_DIR / "config.json").is_file()
+    assert (s.device, s.api_keys, s.max_body_bytes, s.request_timeout_s) == ("auto", (), 12582912, 40)
+    assert (s.max_batch, s.max_waiting, s.heartbeat_s) == (32, 256, 15)
+    assert (s.cors_origins, s.stream_reader_grace_s, s.stream_retention_s) == ((), 30, 300)
+    assert (s.stream_max_events, s.stream_max_bytes, s.stream_total_bytes) == (4096, 4 * 2**20, 256 * 2**20)
+    assert s.test_hooks is False and not s.auth_enabled
+
+
+def test_environment_variables_are_read():
+    s = Settings.from_env({
+        "RIVULET_MODEL": "/models/llama", "RIVULET_DEVICE": "cuda:1", "RIVULET_API_KEYS": " a, b ,,c ",
+        "RIVULET_MAX_BODY_BYTES": "100", "RIVULET_REQUEST_TIMEOUT_S": "2.5", "RIVULET_MAX_BATCH": "4",
+        "RIVULET_MAX_WAITING": "8", "RIVULET_HEARTBEAT_S": "0.5",
+        "RIVULET_CORS_ORIGINS": "https://a.example,https://b.example", "RIVULET_TEST_HOOKS": "true",
+        "UNRELATED": "x",
+    })
+    assert s.model == Path("/models/llama") and s.device == "cuda:1"
+    assert s.api_keys == ("a", "b", "c") and s.auth_enabled
+    assert (s.max_body_bytes, s.request_timeout_s, s.max_batch, s.max_waiting, s.heartbeat_s) == (100, 2.5, 4, 8, 0.5)
+    assert s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.test_hooks is True
+
+
+def test_empty_variable_keeps_the_default():
+    assert Settings.from_env({"RIVULET_MAX_BATCH": "", "RIVULET_API_KEYS": "  "}).max_batch == 32
+
+
+def test_overrides_win_over_environment():
+    assert Settings.from_env({"RIVULET_MAX_BATCH": "4"}, max_batch=2).max_batch == 2
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("RIVULET_MAX_BATCH", "many"),
+    ("RIVULET_MAX_BATCH", "0"),
+    ("RIVULET_MAX_WAITING", "0"),
+    ("RIVULET_REQUEST_TIMEOUT_S", "-1"),
+    ("RIVULET_HEARTBEAT_S", "0"),
+    ("RIVULET_DEVICE", "gpu"),
+    ("RIVULET_TEST_HOOKS", "perhaps"),
+])
+def test_bad_values_name_the_variable(variable, value):
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_settings_are_frozen():
+    s = Settings.from_env({})
+    with pytest.raises(ValidationError):
+        s.max_batch = 3
