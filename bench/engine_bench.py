@@ -6,7 +6,9 @@
 For each batch size B it submits B requests at once to an ``Engine`` running on its own thread (as in
 the server), each generating ``--tokens`` tokens with ``ignore_eos``, and measures from the first
 submit to the last ``Finished``: prefill, sampling, detokenization and the engine loop included.
-It prints tokens/s summed over the batch and the ratio to batch 1.
+The batch sizes are run ``--repeat`` times in turn and each size's median run is kept, so a burst of
+other work on the machine does not land on one size only. It prints tokens/s summed over the batch and
+the ratio to batch 1.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def run_batch(engine: Engine, batch: int, args: argparse.Namespace, rng: random.
     return Result(batch, sink.tokens, seconds)
 
 
+def median_run(runs: list[Result]) -> Result:
+    return sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an HF-layout directory (bench/make_checkpoint.py)")
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads on the engine thread (default: the engine's, CPUs - 1)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds over the batch sizes; the median is kept")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -99,7 +106,8 @@ def main() -> None:
     rng = random.Random(0)
     try:
         run_batch(engine, min(batches), argparse.Namespace(**{**vars(args), "tokens": 8}), rng)  # warm-up
-        results = [run_batch(engine, b, args, rng) for b in batches]
+        rounds = [[run_batch(engine, b, args, rng) for b in batches] for _ in range(args.repeat)]
+        results = [median_run([r[i] for r in rounds]) for i in range(len(batches))]
     finally:
         engine.shutdown()
         thread.join()
@@ -109,7 +117,7 @@ def main() -> None:
           f"{c.num_attention_heads} heads, {c.intermediate_size} hidden, {c.vocab_size} vocab)")
     print(f"device {args.device}, torch threads {engine.torch_threads} of {os.cpu_count()} CPUs, "
           f"{args.prompt_tokens} prompt + {args.tokens} generated tokens per request, "
-          f"temperature {args.temperature}")
+          f"temperature {args.temperature}, median of {args.repeat} rounds")
     base = results[0].tokens_per_s
     print(f"{'batch':>5}  {'tokens':>6}  {'seconds':>7}  {'tokens/s':>8}  {'vs batch ' + str(batches[0]):>10}")
     for r in results:

@@ -4,7 +4,7 @@ Only ``nn.Module``s live here: no files, threads or HTTP. Parameter names match 
 ``LlamaForCausalLM`` so a checkpoint's state dict loads as it is.
 
 Three ways through the model:
-- ``forward(tokens, positions)``: causal attention over the tokens alone, no cache (training, tests).
+- ``forward(tokens)``: causal attention over the tokens alone, no cache (training, tests).
 - ``prefill(tokens, rows, lengths)``: several prompts at once, right-padded to one length; fills
   cache rows ``rows`` from position 0. Causal attention keeps padding out of every real position, and
   the padding's cached keys lie past each row's length, where decode masks them (and overwrites them).

@@ -118,3 +118,24 @@ def test_runner_fails_only_the_prompts_that_do_not_fit(model):
         runner.release(too_long)
         runner.release(empty)
         assert runner.rows == [fine] and runner.cached == [3] and fine.row == 0
+
+
+def test_half_precision_path_runs_with_a_cache_of_the_weights_dtype(tiny_checkpoint):
+    """What CUDA gets (bf16 weights, cache and mask), exercised on the CPU."""
+    from models.checkpoint import load_model
+
+    with torch.inference_mode():
+        half = load_model(tiny_checkpoint, torch.device("cpu"), dtype=torch.bfloat16)
+        full = load_model(tiny_checkpoint, torch.device("cpu"))
+        runner = LlamaRunner(half, max_batch=2)
+        assert half.model.layers[0].self_attn.cache.k.dtype == torch.bfloat16
+        seqs = [sequence([1, 2, 3]), sequence([4, 5, 6, 7, 8])]
+        for result in runner.prefill(seqs):
+            result.seq.output_ids.append(result.token)
+        tokens = torch.tensor([s.last_token for s in seqs])
+        logits = half.decode(tokens, torch.tensor([3, 5]))
+        assert logits.dtype == torch.bfloat16
+        for row, seq in enumerate(seqs):
+            expected = full(torch.tensor([seq.request.prompt_ids + seq.output_ids]))[0, -1]
+            torch.testing.assert_close(logits[row].float(), expected, atol=0.05, rtol=0.05)
+        assert all(r.error is None for r in runner.decode())

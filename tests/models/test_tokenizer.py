@@ -17,7 +17,8 @@ TEXTS = [
     "  leading spaces,   runs of spaces\tand tabs\nand new lines  ",
     "Café naïve résumé 天下 😀 mixed",
 ]
-PROPERTY = settings(max_examples=150, deadline=None, database=None)
+# derandomize: CI sees the same examples on every run (no flaky reds); raise max_examples to hunt.
+PROPERTY = settings(max_examples=150, deadline=None, database=None, derandomize=True)
 
 
 def stream(decoder: IncrementalDecoder, ids: list[int]) -> list[str]:
@@ -111,17 +112,30 @@ def test_empty_stop_strings_are_ignored():
     assert run_stops(["", "x"], ["abc"]) == (["abc", ""], False)
 
 
+def first_stop(received: str, stops) -> int | None:
+    hits = [i for i in (received.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
 @PROPERTY
 @given(text=st.text(alphabet="ab天 ", max_size=30), cuts=st.lists(st.integers(0, 30), max_size=6),
        stops=st.lists(st.text(alphabet="ab天 ", min_size=1, max_size=4), min_size=1, max_size=3))
-def test_never_emits_past_a_stop_and_loses_nothing_before_it(text, cuts, stops):
+def test_stops_at_the_first_completed_stop_and_loses_nothing_before_it(text, cuts, stops):
+    """The stream ends when a stop string first completes, right before the earliest stop string in
+    the text received so far; until then every character arrives, in order, held back only while it
+    could still begin a stop string."""
     bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
     chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     emitted, stopped = run_stops(stops, chunks)
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[:min(hits)] if hits else text
+    expected, expect_stop = text, False
+    for end in bounds[1:]:
+        at = first_stop(text[:end], stops)
+        if at is not None:
+            expected, expect_stop = text[:at], True
+            break
     assert "".join(emitted) == expected
-    assert stopped == bool(hits)
+    assert stopped == expect_stop
+    assert first_stop("".join(emitted), stops) is None  # no stop string ever reaches the client
 
 
 # --- the tokenizer wrapper and chat prompts -----------------------------------------------------
