@@ -13,12 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import os
+
 import pytest
 
 from tests.live_server import LiveServer, live_server
 
 # The shared server's settings: defaults, but a short heartbeat so quiet streams ping within a test.
 DEMO_SERVER_ENV = {"RIVULET_HEARTBEAT_S": "1"}
+
+
+def missing_tool(reason: str) -> None:
+    """A test needs a tool this machine lacks: skip on a developer's machine, fail in CI (CI=true), where
+    .ci/run installs it and a silent skip would hide that the test never ran."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: .ci/run should have installed it)")
+    pytest.skip(reason)
 
 
 # The service is imported inside the fixtures, so the engine's own tests collect even when it is broken.

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pytest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from tests.conftest import missing_tool
 from tests.integration.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +89,7 @@ def newman() -> Path:
         return NEWMAN
     npm = shutil.which("npm")
     if npm is None:
-        pytest.skip("npm is not installed (apt-get install npm; .ci/run does it)")
+        missing_tool("npm is not installed (apt-get install npm; .ci/run does it)")
     NEWMAN_DIR.mkdir(parents=True, exist_ok=True)
     subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "newman"], cwd=NEWMAN_DIR,
                    check=True, capture_output=True, timeout=600)
