@@ -1,14 +1,15 @@
 """OpenAI request bodies (chat and completions), validated with pydantic v2.
 
 Unknown fields are ignored (clients send many we do not use); known ones are checked strictly: a
-string is not a number and ``true`` is not 1. ``parse`` turns pydantic's errors into one
+string is not a number and ``true`` is not 1. OpenAI features the engine does not provide (``n`` > 1,
+logprobs, ``echo``, ``best_of`` > 1) are refused with 400 rather than silently left out of the answer. ``parse`` turns pydantic's errors into one
 ``InvalidRequest`` that names the field, so clients see which input was wrong.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from models.api import SamplingParams
 from models.errors import InvalidRequest
@@ -91,10 +92,24 @@ class ChatMessage(_Body):
         return message
 
 
+def _not_supported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported by this server; leave it unset")
+
+
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     # Newer OpenAI clients send this instead of max_tokens for chat.
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Refused rather than ignored: an answer without what was asked for would look like a bug.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise _not_supported("logprobs")
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -108,6 +123,25 @@ class CompletionRequest(_Generation):
     # A string, token ids, or a list holding exactly one of those (OpenAI's batch form, batch of one).
     prompt: str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=1)] \
         | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+
+    # Refused rather than ignored: an answer without what was asked for would look like a bug.
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("logprobs", "echo")
+    @classmethod
+    def _no_logprobs_or_echo(cls, value: int | bool | None, info: ValidationInfo) -> int | bool | None:
+        if value:
+            raise _not_supported(info.field_name)
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only best_of = 1 is supported")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod

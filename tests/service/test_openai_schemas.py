@@ -85,6 +85,8 @@ def test_completion_prompt_forms(prompt, expected):
     ({**CHAT, "stream": 1}, "stream", "valid boolean"),
     ({**CHAT, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage", "valid boolean"),
     ({**CHAT, "n": 2}, "n", "only n = 1"),
+    ({**CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ({**CHAT, "top_logprobs": 3}, "top_logprobs", "not supported"),
 ])
 def test_bad_chat_bodies_name_the_field(body, param, words):
     with pytest.raises(InvalidRequest) as caught:
@@ -100,12 +102,22 @@ def test_bad_chat_bodies_name_the_field(body, param, words):
     ({"prompt": None}, "prompt", "valid string"),
     ({"prompt": ["a", "b"]}, "prompt", "only one prompt"),
     ({"prompt": [-1]}, "prompt.0", "greater than or equal to 0"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
+    ({"prompt": "x", "echo": True}, "echo", "not supported"),
+    ({"prompt": "x", "best_of": 3}, "best_of", "only best_of = 1"),
 ])
 def test_bad_completion_bodies_name_the_field(body, param, words):
     with pytest.raises(InvalidRequest) as caught:
         parse(CompletionRequest, body)
     assert caught.value.param == param
     assert words in caught.value.message
+
+
+def test_unused_features_left_at_their_off_values_are_accepted():
+    """What SDKs and Postman collections send by default must not be refused."""
+    parse(ChatRequest, {**CHAT, "logprobs": False, "top_logprobs": None, "n": 1})
+    parse(CompletionRequest, {"prompt": "x", "logprobs": None, "echo": False, "best_of": 1})
+    parse(CompletionRequest, {"prompt": "x", "logprobs": 0})
 
 
 @pytest.mark.parametrize("body", [None, [], "text", 3])
