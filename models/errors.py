@@ -83,3 +83,10 @@ class CheckpointError(RivuletError):
 
     type = "checkpoint_error"
     code = "checkpoint_error"
+
+
+class CapacityError(RivuletError):
+    """The settings ask for more memory than the device has (the KV cache). Raised at load."""
+
+    type = "capacity_error"
+    code = "capacity_error"

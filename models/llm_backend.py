@@ -8,7 +8,9 @@ import torch
 
 from models.api import TextDelta
 from models.checkpoint import load_config, load_meta, load_model
-from models.errors import ModelError, RivuletError
+from models.config import LlamaConfig
+from models.errors import CheckpointError, ModelError, RivuletError
+from models.memory import GiB, CachePlan, free_bytes
 from models.runner import LlamaRunner, StepResult
 from models.scheduler import Scheduler, Ticket
 from models.sequence import Sequence
@@ -34,10 +36,23 @@ def as_model_error(exc: Exception, what: str) -> RivuletError:
     return exc if isinstance(exc, RivuletError) else ModelError(f"{what} failed: {exc}")
 
 
+def served_context(config: LlamaConfig, max_context: int | None, directory: Path) -> int:
+    """The context length served: the checkpoint's, or less when RIVULET_MAX_CONTEXT asks (it sizes the
+    KV cache, so it is the knob for fitting a long-context model's cache into memory)."""
+    if max_context is None:
+        return config.max_position_embeddings
+    if max_context > config.max_position_embeddings:
+        raise CheckpointError(
+            f"RIVULET_MAX_CONTEXT={max_context} is longer than the context of {directory / 'config.json'} "
+            f"({config.max_position_embeddings}, from max_position_embeddings or sliding_window)")
+    return max_context
+
+
 class LlamaBackend:
     kind = "llm"
 
-    def __init__(self, directory: Path, device: torch.device, max_batch: int) -> None:
+    def __init__(self, directory: Path, device: torch.device, max_batch: int,
+                 max_context: int | None = None) -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -45,7 +60,7 @@ class LlamaBackend:
         self.config = load_config(directory)  # cheap and early: a bad config.json fails at start-up
         self.tokenizer = load_tokenizer(directory)
         self.eos_ids = frozenset(self.tokenizer.eos_ids)
-        self.context_length = self.config.max_position_embeddings
+        self.context_length = served_context(self.config, max_context, directory)
         self.runner: LlamaRunner | None = None
 
     def load(self) -> None:
@@ -54,8 +69,12 @@ class LlamaBackend:
             # The current CUDA device is per thread: make this thread's the model's (cuda:N).
             torch.cuda.set_device(self.device)
         model = load_model(self.directory, self.device)
-        self.runner = LlamaRunner(model, self.max_batch)
-        log.info("loaded %s on %s (%s)", self.directory, self.device, model.lm_head.weight.dtype)
+        dtype = model.lm_head.weight.dtype
+        plan = CachePlan(model.config, self.max_batch, self.context_length, dtype)
+        plan.check(self.device, free_bytes(self.device))
+        self.runner = LlamaRunner(model, self.max_batch, self.context_length)
+        log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens", self.directory, self.device,
+                 dtype, plan.bytes / GiB, self.max_batch, self.context_length)
 
     def close(self) -> None:
         self.runner = None

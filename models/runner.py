@@ -35,11 +35,12 @@ class StepResult:
 
 
 class LlamaRunner:
-    def __init__(self, model: Llama, max_batch: int) -> None:
+    def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
-        self.max_seq = model.config.max_position_embeddings
+        # Positions per row: the model's context, or less (RIVULET_MAX_CONTEXT) to keep the cache small.
+        self.max_seq = min(max_seq or model.config.max_position_embeddings, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq)
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows

@@ -43,7 +43,7 @@ def build_backend(settings: Settings) -> Backend:
     device = resolve_device(settings.device)
     if is_package_dir(settings.model):
         return PackageBackend(settings.model, device)
-    return LlamaBackend(settings.model, device, settings.max_batch)
+    return LlamaBackend(settings.model, device, settings.max_batch, settings.max_context)
 
 
 @dataclass(eq=False)

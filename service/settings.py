@@ -34,6 +34,9 @@ class Settings(BaseModel):
     device: str = "auto"
     # Sequences decoded together in one step (also the number of KV-cache rows allocated).
     max_batch: int = Field(32, ge=1)
+    # Tokens (prompt + output) per sequence; unset = the checkpoint's own context. The KV cache holds
+    # max_batch x max_context positions, so a long-context model may need it lower to fit in memory.
+    max_context: int | None = Field(None, ge=2)
 
     # --- who may call, and how much ---
     # Accepted tokens (X-Auth-Token: T or Authorization: Bearer T). Empty = no authentication.

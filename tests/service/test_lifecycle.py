@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_checkpoint_directory_is_served_as_an_llm(make_settings):
     backend = build_backend(make_settings(device="cpu"))
     assert isinstance(backend, LlamaBackend) and backend.name == "demo"
+    assert backend.context_length == 512  # the demo's own context
+
+
+def test_max_context_reaches_the_llm_backend(make_settings):
+    assert build_backend(make_settings(device="cpu", max_context=64)).context_length == 64
 
 
 def test_a_package_directory_is_served_as_a_package(make_settings):

@@ -13,7 +13,7 @@ def test_defaults_match_design():
     s = Settings.from_env({})
     assert s.model == DEMO_MODEL_DIR and (DEMO_MODEL_DIR / "config.json").is_file()
     assert (s.device, s.api_keys, s.max_body_bytes, s.request_timeout_s) == ("auto", (), 12582912, 40)
-    assert (s.max_batch, s.max_waiting, s.heartbeat_s) == (32, 256, 15)
+    assert (s.max_batch, s.max_waiting, s.heartbeat_s, s.max_context) == (32, 256, 15, None)
     assert (s.cors_origins, s.stream_reader_grace_s, s.stream_retention_s) == ((), 30, 300)
     assert (s.stream_max_events, s.stream_max_bytes, s.stream_total_bytes) == (4096, 4 * 2**20, 256 * 2**20)
     assert s.test_hooks is False and not s.auth_enabled
@@ -23,7 +23,7 @@ def test_environment_variables_are_read():
     s = Settings.from_env({
         "RIVULET_MODEL": "/models/llama", "RIVULET_DEVICE": "cuda:1", "RIVULET_API_KEYS": " a, b ,,c ",
         "RIVULET_MAX_BODY_BYTES": "100", "RIVULET_REQUEST_TIMEOUT_S": "2.5", "RIVULET_MAX_BATCH": "4",
-        "RIVULET_MAX_WAITING": "8", "RIVULET_HEARTBEAT_S": "0.5",
+        "RIVULET_MAX_WAITING": "8", "RIVULET_HEARTBEAT_S": "0.5", "RIVULET_MAX_CONTEXT": "1024",
         "RIVULET_CORS_ORIGINS": "https://a.example,https://b.example", "RIVULET_TEST_HOOKS": "true",
         "UNRELATED": "x",
     })
@@ -31,7 +31,7 @@ def test_environment_variables_are_read():
     assert s.api_keys == ("a", "b", "c") and s.auth_enabled
     assert (s.max_body_bytes, s.request_timeout_s, s.max_batch, s.max_waiting, s.heartbeat_s) == (100, 2.5, 4, 8, 0.5)
     assert s.cors_origins == ("https://a.example", "https://b.example")
-    assert s.test_hooks is True
+    assert s.test_hooks is True and s.max_context == 1024
 
 
 def test_empty_variable_keeps_the_default():
@@ -46,6 +46,7 @@ def test_overrides_win_over_environment():
     ("RIVULET_MAX_BATCH", "many"),
     ("RIVULET_MAX_BATCH", "0"),
     ("RIVULET_MAX_WAITING", "0"),
+    ("RIVULET_MAX_CONTEXT", "1"),
     ("RIVULET_REQUEST_TIMEOUT_S", "-1"),
     ("RIVULET_HEARTBEAT_S", "0"),
     ("RIVULET_DEVICE", "gpu"),

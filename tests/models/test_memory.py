@@ -1,0 +1,92 @@
+"""The KV cache's size, RIVULET_MAX_CONTEXT, and the load-time check that the cache fits in memory."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from models import llm_backend, memory
+from models.config import LlamaConfig
+from models.errors import CapacityError, CheckpointError
+from models.llm_backend import LlamaBackend
+from models.memory import GiB, CachePlan, kv_cache_bytes
+from tests.models.support import RecordingBackend, generate, running_engine
+
+CPU = torch.device("cpu")
+# Llama 2 7B: 32 layers, 32 key/value heads of 128.
+LLAMA2_7B = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+                        max_position_embeddings=4096)
+
+
+def test_cache_size_of_a_known_model():
+    # 2 (keys, values) x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB a position.
+    assert kv_cache_bytes(LLAMA2_7B, 1, 1, torch.bfloat16) == 512 * 1024
+    assert kv_cache_bytes(LLAMA2_7B, 32, 4096, torch.bfloat16) == 64 * GiB
+    assert kv_cache_bytes(LLAMA2_7B, 32, 4096, torch.float32) == 128 * GiB
+    gqa = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
+    assert kv_cache_bytes(gqa, 32, 4096, torch.bfloat16) == 16 * GiB
+
+
+def test_a_cache_that_fits_passes_and_an_unknown_free_size_is_not_checked():
+    plan = CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16)
+    plan.check(CPU, free=80 * GiB)
+    plan.check(CPU, free=None)
+
+
+def test_a_cache_too_large_names_the_settings_and_values_that_would_fit():
+    plan = CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16)
+    with pytest.raises(CapacityError) as caught:
+        plan.check(torch.device("cuda:0"), free=40 * GiB)
+    message = caught.value.message
+    assert "64.0 GiB" in message and "40.0 GiB" in message and "cuda:0" in message and "bfloat16" in message
+    # The advice is the largest batch (at this context) and context (at this batch) that fit.
+    budget = 40 * GiB * memory.CACHE_SHARE
+    batch = int(re.search(r"RIVULET_MAX_BATCH=(\d+)", message).group(1))
+    context = int(re.search(r"RIVULET_MAX_CONTEXT=(\d+)", message).group(1))
+    assert 1 <= batch < 32 and 2 <= context < 4096
+    assert kv_cache_bytes(LLAMA2_7B, batch, 4096, torch.bfloat16) <= budget
+    assert kv_cache_bytes(LLAMA2_7B, batch + 1, 4096, torch.bfloat16) > budget
+    assert kv_cache_bytes(LLAMA2_7B, 32, context, torch.bfloat16) <= budget
+    assert kv_cache_bytes(LLAMA2_7B, 32, context + 1, torch.bfloat16) > budget
+
+
+def test_no_room_at_all_says_so():
+    with pytest.raises(CapacityError, match="the weights leave no room"):
+        CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16).check(CPU, free=1024)
+
+
+def test_the_cpu_reports_its_free_memory():
+    free = memory.free_bytes(CPU)
+    assert free is None or free > 0
+    if memory.MEMINFO.exists():
+        assert free is not None
+
+
+def test_max_context_caps_the_served_context_and_the_cache(tiny_checkpoint):
+    backend = LlamaBackend(tiny_checkpoint, CPU, max_batch=2, max_context=32)
+    assert backend.context_length == 32
+    with torch.inference_mode():
+        backend.load()
+    assert backend.runner.max_seq == 32
+    assert backend.runner.model.model.layers[0].self_attn.cache.k.shape == (2, 2, 32, 16)  # [B, H, S, D]
+    assert LlamaBackend(tiny_checkpoint, CPU, max_batch=2).context_length == 128
+
+
+def test_a_capped_context_ends_generation_at_the_cap(tiny_checkpoint):
+    backend = RecordingBackend(tiny_checkpoint, CPU, max_batch=2, max_context=16)
+    with running_engine(backend, max_batch=2) as engine:
+        sink = generate(engine, [1, 5, 6, 7, 8, 9], max_tokens=100, ignore_eos=True)
+    assert sink.finished.reason == "length" and sink.finished.completion_tokens == 16 - 6
+
+
+def test_max_context_past_the_checkpoint_is_refused_naming_the_setting(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match=r"RIVULET_MAX_CONTEXT=4096 is longer than .*config\.json \(128"):
+        LlamaBackend(tiny_checkpoint, CPU, max_batch=1, max_context=4096)
+
+
+def test_a_cache_that_does_not_fit_kills_the_engine_with_the_advice(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(llm_backend, "free_bytes", lambda device: 1000)  # a tiny machine
+    with running_engine(LlamaBackend(tiny_checkpoint, CPU, max_batch=4)) as engine:
+        assert engine.state == "dead"
+        assert "RIVULET_MAX_BATCH" in engine.error and "needs" in engine.error
