@@ -61,6 +61,13 @@ class EngineUnavailable(RivuletError):
     code = "engine_unavailable"
 
 
+class ClientGone(RivuletError):
+    """The client closed its connection before its answer was ready; the work was cancelled."""
+
+    type = "client_closed_request"
+    code = "client_closed_request"
+
+
 class RequestTimeout(RivuletError):
     type = "timeout"
     code = "request_timeout"

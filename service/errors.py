@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from models.errors import (
-    BodyTooLarge, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull, RequestTimeout,
+    BodyTooLarge, ClientGone, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull, RequestTimeout,
     RivuletError, Shutdown, Unauthorized,
 )
 
@@ -29,6 +29,8 @@ _STATUS: tuple[tuple[type[RivuletError], int], ...] = (
     (EngineUnavailable, 503),
     (Shutdown, 503),
     (RequestTimeout, 504),
+    # nginx's "client closed request": nobody reads it, but the request log and metrics show it.
+    (ClientGone, 499),
     (ModelError, 500),
 )
 

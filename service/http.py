@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app, jsonify, request
 
 from models.errors import BodyTooLarge, InvalidRequest, RivuletError
 from service import sse
@@ -59,6 +61,29 @@ def _read_at_most(limit: int) -> bytes:
 
 
 _READ_CHUNK = 64 * 1024
+
+
+def client_gone() -> bool:
+    """Has the client of this request closed its connection? Its body is read, so the socket turns
+    readable only when it closes (EOF) or pipelines its next request (data): a peek tells which.
+    Outside gunicorn (the test client) there is no socket to look at: never gone."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)  # gevent's select: polls, never waits
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset by the peer, or already closed
+        return True
+
+
+def whole_answer(job: Job) -> Response:
+    """A non-streaming answer: the job read to its end as one JSON object. A client that hangs up
+    meanwhile cancels the work (``ClientGone``, logged as 499), as it does for a stream."""
+    try:
+        return jsonify(job.collect(client_gone))
+    finally:
+        note_job(current_record(), job)
 
 
 def note_job(record: RequestRecord, job: Job) -> None:

@@ -25,8 +25,9 @@ the engine's work.
 
 - ``job.abort()`` (from any greenlet, e.g. a DELETE) cancels the work; the stream then ends with a
   ``cancelled`` error event and ``DONE``. ``close()`` is ``abort()`` for a reader that leaves.
-- ``job.collect()`` reads the whole stream and returns one object (a non-streaming OpenAI response, or a
-  package's single output), raising the error instead if the request failed.
+- ``job.collect(client_gone)`` reads the whole stream and returns one object (a non-streaming OpenAI
+  response, or a package's single output), raising the error instead if the request failed, and
+  ``ClientGone`` (after cancelling the work) as soon as ``client_gone()`` says the client has hung up.
 - "auto" picks what the served model takes: a package's inputs, else chat when the body has
   ``messages``, else a completion. ``job.stream`` says whether the body asked for a stream.
 - ``job.request_id``, ``prompt_tokens``, ``completion_tokens``, ``time_to_first_token_s``,
@@ -39,7 +40,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from models.api import Finished, GenerationRequest, PackageOutput, TextDelta
-from models.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, RequestTimeout, RivuletError
+from models.errors import (
+    ClientGone, ContextLengthExceeded, EngineUnavailable, InvalidRequest, RequestTimeout, RivuletError,
+)
 from models.scheduler import Ticket
 from service.channel import Channel
 from service.errors import cancelled_payload, stream_error_payload
@@ -63,6 +66,9 @@ HEARTBEAT = _Heartbeat()
 # How long past its deadline a request may run before the job ends it without waiting for the engine
 # (the engine checks deadlines between steps; one long step or a stuck package must not hold a stream).
 SAFETY_MARGIN_S = 2.0
+# How often a non-streaming request, which has nothing to write until the end, looks for a gone client
+# while the engine is quiet (queued, or in a long prefill); during generation it looks at every token.
+DISCONNECT_PROBE_S = 1.0
 
 Payload = dict[str, Any] | str | _Heartbeat
 
@@ -241,8 +247,10 @@ class Job:
             if self._shape.include_usage:
                 yield self._shape.usage_chunk(finished.prompt_tokens, finished.completion_tokens)
 
-    def _events(self) -> Iterator[TextDelta | PackageOutput | Finished | _Heartbeat]:
-        """The engine's events, HEARTBEAT when quiet, and a synthetic timeout when the engine overruns."""
+    def _events(self, quiet_s: float | None = None) -> Iterator[TextDelta | PackageOutput | Finished | _Heartbeat]:
+        """The engine's events, HEARTBEAT when quiet for ``quiet_s`` (default RIVULET_HEARTBEAT_S), and a
+        synthetic timeout when the engine overruns."""
+        quiet_s = quiet_s or self._heartbeat_s
         safety_deadline = self.deadline + SAFETY_MARGIN_S
         last_sent = time.monotonic()
         while True:
@@ -253,9 +261,9 @@ class Job:
                     "timeout", 0, self.completion_tokens,
                     RequestTimeout("the request ran past its time limit (RIVULET_REQUEST_TIMEOUT_S)")))
                 return
-            event = self._channel.get(timeout=min(last_sent + self._heartbeat_s, safety_deadline) - now)
+            event = self._channel.get(timeout=min(last_sent + quiet_s, safety_deadline) - now)
             if event is None:
-                if time.monotonic() - last_sent >= self._heartbeat_s:
+                if time.monotonic() - last_sent >= quiet_s:
                     last_sent = time.monotonic()
                     yield HEARTBEAT
                 continue
@@ -291,12 +299,19 @@ class Job:
             self._metrics.generated_tokens.inc(self.completion_tokens - self._counted_tokens)
             self._counted_tokens = self.completion_tokens
 
-    def collect(self) -> dict[str, Any]:
-        """Read the whole stream. -> the non-streaming response (or a package's last output). Raises on error."""
+    def collect(self, client_gone: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Read the whole stream. -> the non-streaming response (or a package's last output). Raises on error.
+
+        A non-streaming answer writes nothing until the end, so a client that hangs up is not noticed by
+        a failed write: ``client_gone`` is asked after every event and every DISCONNECT_PROBE_S of quiet,
+        and once it says yes the work is cancelled and ``ClientGone`` raised.
+        """
         texts: list[str] = []
         last_output: dict[str, Any] | None = None
         try:
-            for event in self._events():
+            for event in self._events(quiet_s=min(self._heartbeat_s, DISCONNECT_PROBE_S)):
+                if client_gone is not None and not isinstance(event, Finished) and client_gone():
+                    raise ClientGone("the client closed the connection before the answer was ready")
                 if isinstance(event, TextDelta):
                     texts.append(event.text)
                 elif isinstance(event, PackageOutput):

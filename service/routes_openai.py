@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from service.http import event_stream, json_body, note_job, runtime
+from service.http import event_stream, json_body, runtime, whole_answer
 from service.jobs import AUTO, CHAT, COMPLETION, start_job
 from service.request_log import current_record
 
@@ -11,14 +11,10 @@ bp = Blueprint("openai", __name__)
 
 
 def _answer(kind: str, *, always_stream: bool = False) -> Response:
-    record = current_record()
-    job = start_job(runtime(), kind, json_body(), request_id=record.request_id)
+    job = start_job(runtime(), kind, json_body(), request_id=current_record().request_id)
     if always_stream or job.stream:
         return event_stream(job)
-    try:
-        return jsonify(job.collect())
-    finally:
-        note_job(record, job)
+    return whole_answer(job)
 
 
 @bp.post("/v1/chat/completions")

@@ -5,10 +5,10 @@ which serves every kind of model; this route exists for clients that want a plai
 """
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 
 from models.errors import InvalidRequest
-from service.http import json_body, note_job, runtime
+from service.http import json_body, runtime, whole_answer
 from service.jobs import PACKAGE, start_job
 from service.request_log import current_record
 
@@ -24,9 +24,5 @@ def infer() -> Response:
     if rt.backend.is_streaming:
         raise InvalidRequest(f"the package '{rt.model_name}' streams its output (IS_STREAMING_OUTPUT = True): "
                              "POST the same body to /v1/sse")
-    record = current_record()
-    job = start_job(rt, PACKAGE, json_body(), request_id=record.request_id)
-    try:
-        return jsonify(job.collect())
-    finally:
-        note_job(record, job)
+    job = start_job(rt, PACKAGE, json_body(), request_id=current_record().request_id)
+    return whole_answer(job)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from models.errors import (
-    BodyTooLarge, CheckpointError, ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelError, NotFound,
+    BodyTooLarge, CapacityError, CheckpointError, ClientGone, ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelError, NotFound,
     QueueFull, RequestTimeout, RivuletError, Shutdown, Unauthorized,
 )
 from service.errors import error_response, http_status, stream_error_payload
@@ -14,6 +14,7 @@ from service.errors import error_response, http_status, stream_error_payload
     (InvalidRequest("x"), 400), (ContextLengthExceeded("x"), 400), (Unauthorized("x"), 401), (NotFound("x"), 404),
     (BodyTooLarge("x"), 413), (QueueFull("x"), 429), (EngineUnavailable("x"), 503), (Shutdown("x"), 503),
     (RequestTimeout("x"), 504), (ModelError("x"), 500), (CheckpointError("x"), 500), (RivuletError("x"), 500),
+    (ClientGone("x"), 499), (CapacityError("x"), 500),
 ])
 def test_status_of_each_error(error, status):
     assert http_status(error) == status
