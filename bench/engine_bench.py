@@ -13,7 +13,6 @@ the ratio to batch 1.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from models.api import Finished, GenerationRequest, SamplingParams
+from models.cpus import usable_cpus
 from models.engine import Engine
 from models.llm_backend import LlamaBackend
 
@@ -115,7 +115,7 @@ def main() -> None:
     c = backend.config
     print(f"checkpoint {args.checkpoint} ({c.hidden_size} wide, {c.num_hidden_layers} layers, "
           f"{c.num_attention_heads} heads, {c.intermediate_size} hidden, {c.vocab_size} vocab)")
-    print(f"device {args.device}, torch threads {engine.torch_threads} of {os.cpu_count()} CPUs, "
+    print(f"device {args.device}, torch threads {engine.torch_threads} of {usable_cpus()} CPUs, "
           f"{args.prompt_tokens} prompt + {args.tokens} generated tokens per request, "
           f"temperature {args.temperature}, median of {args.repeat} rounds")
     base = results[0].tokens_per_s

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import _queue
 import logging
-import os
 import time
 from typing import Protocol
 
 import torch
 
 from models.api import Finished, GenerationRequest, PackageRequest, Sink
+from models.cpus import usable_cpus
 from models.errors import EngineUnavailable, ModelError, QueueFull
 from models.scheduler import FINISHED, Scheduler, Ticket, error_for
 
@@ -45,8 +45,9 @@ class Engine:
         self.backend = backend
         self.max_waiting = max_waiting
         self.scheduler = Scheduler(max_batch, on_release=backend.release)
-        # Leave a core to the gevent hub: it must keep reading sockets while torch computes.
-        self.torch_threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        # Leave a core to the gevent hub: it must keep reading sockets while torch computes. Counted from
+        # the CPUs this process may use (a container's quota), not the host's.
+        self.torch_threads = torch_threads or max(1, usable_cpus() - 1)
         # Each field has one writer, so no lock is needed (a lock would block the gevent hub):
         self._phase = STARTING  # the engine thread: starting, ready, dead, stopped
         self._draining = False  # the web side: begin_drain()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import time
 
 import httpx
 from httpx_sse import connect_sse
 
-from tests.integration.streams import wait_for_metric
+from tests.integration.streams import metric
 from tests.live_server import live_server
 from tests.sse_client import DONE, payloads
 
@@ -41,7 +42,11 @@ def test_sigterm_ends_every_open_stream_cleanly(tmp_path):
             short_stream = pool.submit(read, short, True)
             first_token.result(timeout=60)  # the short one is running
             long_streams = [pool.submit(read, long) for _ in range(5)]  # one runs beside it, four queue
-            assert wait_for_metric(server, "rivulet_open_streams", 6) == 6
+            # Every stream open (the short one may already have finished: 40 tokens go fast) before SIGTERM.
+            deadline = time.monotonic() + 30
+            while metric(server, "rivulet_open_streams") + short_stream.done() < 6:
+                assert time.monotonic() < deadline, "the streams never opened"
+                time.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
             results = [short_stream.result(timeout=60)] + [f.result(timeout=60) for f in long_streams]
         returncode = server.proc.wait(timeout=30)
