@@ -19,10 +19,20 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's: subtracted from a token's logit once if it was generated (presence), or per time (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF's / vLLM's: a token seen in the prompt or the output has its logit divided (if positive) or
+    # multiplied (if negative) by this; 1 = off.
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass

@@ -34,6 +34,13 @@ class StepResult:
     error: RivuletError | None = None
 
 
+def histories(seqs: list[Sequence]) -> list[tuple[list[int], list[int]] | None] | None:
+    """What the penalties look at, for the rows that have any (None when no row does)."""
+    if not any(s.params.penalised for s in seqs):
+        return None
+    return [(s.request.prompt_ids, s.output_ids) if s.params.penalised else None for s in seqs]
+
+
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None) -> None:
         self.model = model
@@ -105,7 +112,7 @@ class LlamaRunner:
         logits = self.model.prefill(tokens, rows, lengths)  # [N, V]
         for seq, length in zip(group, lengths_list):
             self.cached[seq.row] = length
-        sampled = sample(logits, [s.params for s in group], [s.generator for s in group])
+        sampled = sample(logits, [s.params for s in group], [s.generator for s in group], histories(group))
         return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
                 for seq, out in zip(group, sampled)]
 
@@ -120,7 +127,7 @@ class LlamaRunner:
         logits = self.model.decode(tokens, positions, max(positions_list) + 1)  # [B, V]
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
-        sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows])
+        sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
         return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
                 for seq, out in zip(rows, sampled)]
 

@@ -57,6 +57,37 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    histories: list[tuple[list[int], list[int]] | None]) -> torch.Tensor:
+    """Presence, frequency and repetition penalties (vLLM's semantics) for the rows that ask for them.
+
+    logits [B, V]; ``histories[b]`` is row b's (prompt ids, output ids), needed only where
+    ``params[b].penalised``. Presence and frequency count the output only; repetition sees prompt and
+    output. -> fp32 [B, V] (the input itself when no row is penalised).
+    """
+    rows = [row for row, p in enumerate(params) if p.penalised]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for row in rows:
+        prompt_ids, output_ids = histories[row]
+        p = params[row]
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        counts = counts.to(device=logits.device, dtype=logits.dtype)  # [V]
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(prompt_ids, dtype=torch.long, device=logits.device).clamp_(max=vocab - 1)] = True
+            values = logits[row]
+            penalised = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            logits[row] = torch.where(seen, penalised, values)
+        if p.frequency_penalty != 0.0:
+            logits[row] -= p.frequency_penalty * counts
+        if p.presence_penalty != 0.0:
+            logits[row] -= p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``probs`` [B, V] by inverse transform sampling.
 
@@ -72,9 +103,10 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[
     return tokens.clamp_(max=probs.shape[-1] - 1).tolist()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int | ModelError]:
-    """logits [B, V] -> one token id per row.
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           histories: list[tuple[list[int], list[int]] | None] | None = None) -> list[int | ModelError]:
+    """logits [B, V] -> one token id per row. ``histories``: see ``apply_penalties`` (needed only
+    when a row is penalised).
 
     A row that cannot be sampled (non-finite logits) gets a ``ModelError`` instead of a token, so one
     request's failure ends that request only.
@@ -82,6 +114,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     # A row's sum is finite exactly when all its logits are (NaN and inf propagate): one cheap pass,
     # where isfinite(logits).all(-1) costs several.
     finite = torch.isfinite(logits.float().sum(-1)).tolist()
+    if histories is not None:
+        logits = apply_penalties(logits, params, histories)
     results: list[int | ModelError] = torch.argmax(logits, dim=-1).tolist()  # greedy rows, all at once
     random_rows = [row for row, p in enumerate(params) if not p.greedy and finite[row]]
     if random_rows:

@@ -36,6 +36,9 @@ class _Generation(_Body):
     seed: int | None = None
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's and TGI's extension; 1 = off
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -67,6 +70,8 @@ class _Generation(_Body):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=-1 if self.top_k == 0 else self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
         )
 
 

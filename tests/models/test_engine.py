@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from models.api import TextDelta
+from models.api import SamplingParams, TextDelta
 from models.errors import ContextLengthExceeded, EngineUnavailable, ModelError, QueueFull, RequestTimeout
+from models.sampling import apply_penalties
 from tests.models.support import (
     RecordingBackend, RecordingSink, generate, random_model, request, running_engine, tiny_config, wait_for,
     write_checkpoint,
@@ -226,3 +227,30 @@ def test_an_engine_wide_failure_fails_everything_and_marks_the_engine_dead(tiny_
         with pytest.raises(EngineUnavailable, match="device lost"):
             engine.submit(request([1, 2]), RecordingSink())
     assert backend.runner is None  # closed
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 1.5}, {"frequency_penalty": 1.5},
+                                     {"presence_penalty": 1.5}], ids=lambda p: next(iter(p)))
+def test_greedy_with_a_penalty_takes_the_best_penalised_token_at_every_step(tmp_path, tokenizer_path, penalty):
+    """Batched beside an unpenalised request, each step's token is the argmax of the full forward pass's
+    logits after the penalty over everything before it (prompt and output so far)."""
+    model = random_model(tiny_config(), seed=3, std=0.3)
+    write_checkpoint(tmp_path, model, tokenizer_path)
+    backend = RecordingBackend(tmp_path, CPU, max_batch=2)
+    with running_engine(backend, max_batch=2) as engine:
+        penalised, plain = (request(GOLDEN_PROMPT, max_tokens=16, ignore_eos=True, **penalty),
+                            request(GOLDEN_PROMPT, max_tokens=16, ignore_eos=True))
+        sinks = [RecordingSink(), RecordingSink()]
+        engine.submit(penalised, sinks[0])
+        engine.submit(plain, sinks[1])
+        for sink in sinks:
+            sink.wait()
+    out = ids_of(backend, penalised)
+    assert ids_of(backend, plain) == GOLDEN_TOKENS  # the neighbour is untouched
+    assert out != GOLDEN_TOKENS  # the penalty changed the text
+    params = SamplingParams(**penalty)
+    with torch.inference_mode():
+        for step, token in enumerate(out):
+            logits = model(torch.tensor([GOLDEN_PROMPT + out[:step]]))[0, -1:]  # [1, V]
+            scores = apply_penalties(logits, [params], [(GOLDEN_PROMPT, out[:step])])[0]
+            assert scores[token] >= scores.max() - 1e-4, f"step {step}"

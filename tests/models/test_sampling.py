@@ -9,7 +9,7 @@ import torch
 
 from models.api import GenerationRequest, SamplingParams
 from models.errors import ModelError
-from models.sampling import draw, filter_logits, make_generator, sample
+from models.sampling import apply_penalties, draw, filter_logits, make_generator, sample
 from models.sequence import Sequence
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))  # probabilities, most likely first
@@ -154,3 +154,25 @@ def test_an_incomplete_character_at_eos_is_flushed(tokenizer):
     emoji = tokenizer.encode("😀")[-4:]
     text, reason, _ = feed(seq(tokenizer), emoji[:2] + [2])
     assert reason == "stop" and text == "\ufffd\ufffd"
+
+
+# --- presence, frequency and repetition penalties -------------------------------------------------
+
+def test_penalties_follow_vllms_semantics():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    history = ([0], [3, 3, 1])  # the prompt holds 0; the output 3 twice and 1 once
+    def penalised(**penalty):
+        return apply_penalties(logits, [SamplingParams(**penalty)], [history])[0].tolist()
+    # Repetition: prompt and output tokens, positive logits divided, negative ones multiplied.
+    assert penalised(repetition_penalty=2.0) == [1.0, -2.0, 0.5, 1.5, -2.0]
+    # Frequency: output tokens, once per time generated. Presence: output tokens, once.
+    assert penalised(frequency_penalty=0.5) == [2.0, -1.5, 0.5, 2.0, -2.0]
+    assert penalised(presence_penalty=0.5) == [2.0, -1.5, 0.5, 2.5, -2.0]
+    assert penalised(presence_penalty=-1.0) == [2.0, 0.0, 0.5, 4.0, -2.0]  # negative values encourage
+
+
+def test_only_penalised_rows_change_and_greedy_takes_the_penalised_best():
+    logits = torch.tensor([[2.0, 1.9], [2.0, 1.9]])
+    params = [SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0)]
+    assert sample(logits, params, [None, None], [([], [0]), None]) == [1, 0]
+    assert apply_penalties(logits, [SamplingParams(), SamplingParams()], [None, None]) is logits

@@ -28,8 +28,15 @@ def test_all_sampling_fields_reach_the_engine():
 
 
 def test_unknown_fields_are_ignored_and_model_is_free():
-    request = parse(ChatRequest, {**CHAT, "model": "anything", "presence_penalty": 1, "user": "u", "tools": []})
+    request = parse(ChatRequest, {**CHAT, "model": "anything", "user": "u", "tools": []})
     assert request.model == "anything"
+
+
+def test_penalties_reach_the_engine():
+    params = parse(CompletionRequest, {"prompt": "x", "presence_penalty": 1, "frequency_penalty": -0.5,
+                                       "repetition_penalty": 1.2}).sampling(4)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (1.0, -0.5, 1.2)
+    assert params.penalised and not parse(ChatRequest, CHAT).sampling(4).penalised
 
 
 def test_defaults():
@@ -86,6 +93,9 @@ def test_completion_prompt_forms(prompt, expected):
     ({**CHAT, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage", "valid boolean"),
     ({**CHAT, "n": 2}, "n", "only n = 1"),
     ({**CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ({**CHAT, "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({**CHAT, "frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+    ({**CHAT, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
     ({**CHAT, "top_logprobs": 3}, "top_logprobs", "not supported"),
 ])
 def test_bad_chat_bodies_name_the_field(body, param, words):
