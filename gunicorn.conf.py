@@ -46,6 +46,19 @@ accesslog = None
 
 
 # --- hooks --------------------------------------------------------------------------------------
+def on_starting(server):
+    """In the master, before forking: lift the open-files limit so worker_connections streams fit in
+    every worker (containers often start at 1024). Workers inherit it."""
+    from service.limits import SPARE_FILES, raise_open_files_limit
+
+    before, now = raise_open_files_limit(server.cfg.worker_connections)
+    if now != before:
+        server.log.info("open files limit raised from %s to %s", before, now)
+    if now < server.cfg.worker_connections + SPARE_FILES:
+        server.log.warning("open files are limited to %s: fewer than %s streams fit; raise the hard limit "
+                           "(ulimit -Hn, docker run --ulimit nofile=...)", now, server.cfg.worker_connections)
+
+
 def post_worker_init(worker):
     """In the forked worker, app loaded: start the engine thread (it loads the model) and return at once,
     so the worker serves /health and a 503 /ready while the weights load. Also watches for SIGTERM to

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import requests
 
@@ -46,15 +46,17 @@ class LiveServer:
 
 @contextlib.contextmanager
 def live_server(env: dict[str, str] | None = None, *, log_dir: Path, ready_timeout: float = 120,
-                extra_args: tuple[str, ...] = ()) -> Iterator[LiveServer]:
-    """Run ``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> until /ready says 200."""
+                extra_args: tuple[str, ...] = (), preexec_fn: Callable[[], None] | None = None,
+                ) -> Iterator[LiveServer]:
+    """Run ``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> until /ready says 200.
+    ``preexec_fn`` runs in the child before gunicorn starts (e.g. to set a process limit)."""
     port = free_port()
     log_path = log_dir / f"gunicorn-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [GUNICORN, "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", *extra_args, "wsgi:app"],
-            cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
     try:

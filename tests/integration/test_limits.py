@@ -6,13 +6,18 @@ fill it; the request timeout is short so that queued requests run out of time.
 from __future__ import annotations
 
 import concurrent.futures
+import re
+import resource
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import requests
 from httpx_sse import connect_sse
+
+from service.limits import SPARE_FILES
 
 from tests.integration.streams import metric, open_stream, read_until, send_request, wait_for_metric
 from tests.live_server import live_server
@@ -125,3 +130,20 @@ def test_a_queued_stream_pings_while_it_waits(idle):
     finally:
         running.close()
         queued.close()
+
+
+def test_a_container_like_open_files_limit_is_lifted_for_the_streams(tmp_path):
+    """Started with a soft limit of 512 open files (as containers often start with 1024), the server
+    lifts it before forking so that worker_connections streams fit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = 10000 + SPARE_FILES  # gunicorn.conf.py's worker_connections
+    if hard != resource.RLIM_INFINITY:
+        expected = min(expected, hard)
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    with live_server({}, log_dir=tmp_path, preexec_fn=low_soft_limit) as server:
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+        assert re.search(rf"^Max open files\s+{expected}\s", limits, re.M), limits
+        assert f"open files limit raised from 512 to {expected}" in server.log()
