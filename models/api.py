@@ -25,6 +25,8 @@ class SamplingParams:
     # HF's / vLLM's: a token seen in the prompt or the output has its logit divided (if positive) or
     # multiplied (if negative) by this; 1 = off.
     repetition_penalty: float = 1.0
+    # None = no logprobs; N = each generated token's log-probability and the N most likely alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -55,11 +57,26 @@ class PackageRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature, penalties or
+    filtering, as vLLM reports it), and the most likely alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text of an LLM stream (never half a UTF-8 character, never past a stop string)."""
+    """New text of an LLM stream (never half a UTF-8 character, never past a stop string).
+
+    With logprobs asked for, ``logprobs`` covers every token generated since the previous delta: tokens
+    whose text is still held back (half a character, a possible stop string) wait for the next one.
+    """
 
     text: str
     completion_tokens: int  # tokens generated so far, this delta's included
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

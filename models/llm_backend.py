@@ -115,6 +115,8 @@ class LlamaBackend:
             if result.error is not None:
                 finished.append((ticket, "error", result.error))
                 continue
+            if result.logprob is not None:
+                ticket.work.pending_logprobs.append(result.logprob)
             try:
                 reason = self._append(ticket, result.token)
             except REQUEST_ERRORS as exc:  # this request's detokenization or sink, not the engine's
@@ -130,6 +132,10 @@ class LlamaBackend:
         seq: Sequence = ticket.work
         text, reason = seq.append(token)
         ticket.completion_tokens = len(seq.output_ids)
-        if text:
-            ticket.sink.put(TextDelta(text, ticket.completion_tokens))
+        # Logprobs of held-back tokens wait for the next text, or go out with the last delta.
+        logprobs = ()
+        if seq.pending_logprobs and (text or reason):
+            logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
+        if text or logprobs:
+            ticket.sink.put(TextDelta(text, ticket.completion_tokens, logprobs))
         return reason

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from models.api import TokenLogprob
 from models.errors import ContextLengthExceeded, InvalidRequest, ModelError, RivuletError
 from models.llama import Llama
-from models.sampling import make_generator, sample
+from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
 
@@ -32,6 +33,7 @@ class StepResult:
     seq: Sequence
     token: int | None
     error: RivuletError | None = None
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
 
 
 def histories(seqs: list[Sequence]) -> list[tuple[list[int], list[int]] | None] | None:
@@ -39,6 +41,12 @@ def histories(seqs: list[Sequence]) -> list[tuple[list[int], list[int]] | None] 
     if not any(s.params.penalised for s in seqs):
         return None
     return [(s.request.prompt_ids, s.output_ids) if s.params.penalised else None for s in seqs]
+
+
+def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int | ModelError]) -> list[StepResult]:
+    logprobs = token_logprobs(logits, [s.params for s in seqs], sampled)
+    return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out, logprob=lp)
+            for seq, out, lp in zip(seqs, sampled, logprobs)]
 
 
 class LlamaRunner:
@@ -113,8 +121,7 @@ class LlamaRunner:
         for seq, length in zip(group, lengths_list):
             self.cached[seq.row] = length
         sampled = sample(logits, [s.params for s in group], [s.generator for s in group], histories(group))
-        return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
-                for seq, out in zip(group, sampled)]
+        return step_results(group, logits, sampled)
 
     def decode(self) -> list[StepResult]:
         """One step for every running sequence, in row order."""
@@ -128,8 +135,7 @@ class LlamaRunner:
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
-        return [StepResult(seq, None, out) if isinstance(out, ModelError) else StepResult(seq, out)
-                for seq, out in zip(rows, sampled)]
+        return step_results(rows, logits, sampled)
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s row; the last row moves into the hole to keep rows compact."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from models.api import SamplingParams
+from models.api import SamplingParams, TokenLogprob
 from models.errors import ModelError
 
 
@@ -126,4 +126,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for row, ok in enumerate(finite):
         if not ok:
             results[row] = ModelError("the model produced non-finite logits (NaN or infinity)")
+    return results
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams],
+                   tokens: list[int | ModelError]) -> list[TokenLogprob | None]:
+    """For the rows that asked for logprobs: the sampled token's log-probability under the model's own
+    distribution (``log_softmax`` of the raw logits) and the ``params.logprobs`` most likely tokens."""
+    rows = [row for row, p in enumerate(params) if p.logprobs is not None and isinstance(tokens[row], int)]
+    results: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return results
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logits.device)).flatten()
+    widest = max(params[row].logprobs for row in rows)
+    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest > 0 else (None, None)
+    chosen_list = chosen.tolist()
+    top_pairs = list(zip(top_ids.tolist(), top_values.tolist())) if widest > 0 else []
+    for i, row in enumerate(rows):
+        n = params[row].logprobs
+        top = tuple(zip(top_pairs[i][0][:n], top_pairs[i][1][:n])) if n else ()
+        results[row] = TokenLogprob(tokens[row], chosen_list[i], top)
     return results

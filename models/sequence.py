@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.api import GenerationRequest, SamplingParams
+from models.api import GenerationRequest, SamplingParams, TokenLogprob
 from models.tokenizer import DECODE_CONTEXT_TOKENS, IncrementalDecoder, StopMatcher, Tokenizer
 
 
@@ -21,6 +21,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     row: int = -1  # the runner's cache row while running
     generator: Any = None  # the runner's per-request RNG (a torch.Generator; no torch import here)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a TextDelta
 
     def __post_init__(self) -> None:
         context = self.request.prompt_ids[-DECODE_CONTEXT_TOKENS:]

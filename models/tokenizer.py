@@ -68,6 +68,15 @@ class Tokenizer:
             ids = [i for i in ids if 0 <= i < size]
         return self.sp.decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as logprobs report it: a byte-fallback piece is its one byte
+        (often half a character), sentencepiece's word marker a space, a control token its name."""
+        if not 0 <= token_id < self.sp.vocab_size():
+            return b""
+        if self.sp.is_byte(token_id):
+            return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])  # "<0xE4>"
+        return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
+
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt: BOS (when the checkpoint asks for it) then the text."""
         return self.encode(text, bos=self.add_bos)

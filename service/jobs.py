@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from models.api import Finished, GenerationRequest, PackageOutput, TextDelta
+from models.api import Finished, GenerationRequest, PackageOutput, TextDelta, TokenLogprob
 from models.errors import (
     ClientGone, ContextLengthExceeded, EngineUnavailable, InvalidRequest, RequestTimeout, RivuletError,
 )
@@ -88,7 +88,9 @@ def start_job(runtime: Runtime, kind: str, body: Any, *, request_id: str | None 
         job = Job(runtime, request_id, kind, started, deadline, stream=True, package_payload=package_payload)
     else:
         request, parsed = _generation_request(runtime, kind, body, request_id, deadline)
-        shape = ResponseShape(kind, request_id, runtime.model_name, include_usage=parsed.include_usage)
+        shape = ResponseShape(kind, request_id, runtime.model_name, include_usage=parsed.include_usage,
+                              token_bytes=runtime.backend.tokenizer.token_bytes
+                              if parsed.requested_logprobs is not None else None)
         job = Job(runtime, request_id, kind, started, deadline, stream=parsed.stream, shape=shape)
     job._submit(request)
     return job
@@ -229,7 +231,7 @@ class Job:
             if event is HEARTBEAT:
                 yield HEARTBEAT
             elif isinstance(event, TextDelta):
-                yield self._shape.text_chunk(event.text)
+                yield self._shape.text_chunk(event.text, event.logprobs)
             elif isinstance(event, PackageOutput):
                 yield self._package_payload(event)
             else:
@@ -307,6 +309,7 @@ class Job:
         and once it says yes the work is cancelled and ``ClientGone`` raised.
         """
         texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last_output: dict[str, Any] | None = None
         try:
             for event in self._events(quiet_s=min(self._heartbeat_s, DISCONNECT_PROBE_S)):
@@ -314,15 +317,17 @@ class Job:
                     raise ClientGone("the client closed the connection before the answer was ready")
                 if isinstance(event, TextDelta):
                     texts.append(event.text)
+                    logprobs.extend(event.logprobs)
                 elif isinstance(event, PackageOutput):
                     last_output = self._package_payload(event)
                 elif isinstance(event, Finished):
-                    return self._whole(event, "".join(texts), last_output)
+                    return self._whole(event, "".join(texts), tuple(logprobs), last_output)
         finally:
             self.close()
         raise RivuletError("the stream ended without a result")  # unreachable: _events ends with Finished
 
-    def _whole(self, finished: Finished, text: str, last_output: dict[str, Any] | None) -> dict[str, Any]:
+    def _whole(self, finished: Finished, text: str, logprobs: tuple[TokenLogprob, ...],
+               last_output: dict[str, Any] | None) -> dict[str, Any]:
         if finished.reason == "cancelled":
             raise RivuletError("the request was cancelled")
         if finished.error is not None or finished.reason not in ("stop", "length"):
@@ -330,4 +335,4 @@ class Job:
             raise error if isinstance(error, RivuletError) else RivuletError(f"the request failed: {error}")
         if self._shape is None:
             return last_output or {}
-        return self._shape.whole(text, finished.reason, finished.prompt_tokens, finished.completion_tokens)
+        return self._shape.whole(text, finished.reason, finished.prompt_tokens, finished.completion_tokens, logprobs)

@@ -2,8 +2,9 @@
 
 Unknown fields are ignored (clients send many we do not use); known ones are checked strictly: a
 string is not a number and ``true`` is not 1. OpenAI features the engine does not provide (``n`` > 1,
-logprobs, ``echo``, ``best_of`` > 1) are refused with 400 rather than silently left out of the answer. ``parse`` turns pydantic's errors into one
-``InvalidRequest`` that names the field, so clients see which input was wrong.
+``echo``, ``best_of`` > 1) are refused with 400 rather than silently left out of the answer. ``parse``
+turns pydantic's errors into one ``InvalidRequest`` that names the field, so clients see which input
+was wrong.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from models.api import SamplingParams
 from models.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default too)
 
 
 class _Body(BaseModel):
@@ -65,13 +67,18 @@ class _Generation(_Body):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None = no logprobs; N = the sampled token's and the N most likely alternatives'."""
+        return None
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=-1 if self.top_k == 0 else self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty, logprobs=self.requested_logprobs,
         )
 
 
@@ -105,20 +112,23 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     # Newer OpenAI clients send this instead of max_tokens for chat.
     max_completion_tokens: int | None = Field(None, ge=1)
-    # Refused rather than ignored: an answer without what was asked for would look like a bug.
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise _not_supported("logprobs")
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
         return value
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -129,17 +139,21 @@ class CompletionRequest(_Generation):
     prompt: str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=1)] \
         | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
 
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Refused rather than ignored: an answer without what was asked for would look like a bug.
-    logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
 
-    @field_validator("logprobs", "echo")
+    @field_validator("echo")
     @classmethod
-    def _no_logprobs_or_echo(cls, value: int | bool | None, info: ValidationInfo) -> int | bool | None:
+    def _no_echo(cls, value: bool) -> bool:
         if value:
-            raise _not_supported(info.field_name)
+            raise _not_supported("echo")
         return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("best_of")
     @classmethod

@@ -8,8 +8,11 @@ carries the usage, as OpenAI does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from models.api import TokenLogprob
 
 CHAT, COMPLETION = "chat", "completion"
 
@@ -27,8 +30,11 @@ class ResponseShape:
     request_id: str
     model: str
     include_usage: bool = False
+    # Set when the request asked for logprobs: a token id's bytes (the tokenizer's token_bytes).
+    token_bytes: Callable[[int], bytes] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: bool = field(default=False, init=False, repr=False)  # the first delta carries the role
+    _text_offset: int = field(default=0, init=False, repr=False)  # completions' logprobs.text_offset
 
     @property
     def id(self) -> str:
@@ -46,19 +52,49 @@ class ResponseShape:
             chunk["usage"] = None
         return chunk
 
-    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish_reason: str | None,
+                logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         if self.kind == COMPLETION:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs),
+                    "finish_reason": finish_reason}
         delta: dict[str, Any] = {}
         if not self._role_sent:
             delta["role"] = "assistant"
             self._role_sent = True
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
-    def text_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk(self._choice(text, None))
+    def _token(self, token: int) -> tuple[str, bytes]:
+        raw = self.token_bytes(token)
+        # A byte-fallback token is often part of a character: shown escaped, as OpenAI does ("\\xe5").
+        return raw.decode("utf-8", errors="backslashreplace"), raw
+
+    def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
+        """OpenAI's logprobs object of a choice: chat's ``content`` list, or completions' parallel lists."""
+        if self.token_bytes is None or not entries:
+            return None
+        if self.kind == CHAT:
+            content = []
+            for entry in entries:
+                text, raw = self._token(entry.token)
+                top = [{"token": t, "logprob": lp, "bytes": list(b)}
+                       for t, b, lp in ((*self._token(tok), lp) for tok, lp in entry.top)]
+                content.append({"token": text, "logprob": entry.logprob, "bytes": list(raw), "top_logprobs": top})
+            return {"content": content}
+        tokens, offsets, tops = [], [], []
+        for entry in entries:
+            text, _ = self._token(entry.token)
+            tokens.append(text)
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+            # The sampled token is always listed, so there may be N + 1 entries (as OpenAI says).
+            tops.append({**{self._token(tok)[0]: lp for tok, lp in entry.top}, text: entry.logprob})
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def text_chunk(self, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+        return self._chunk(self._choice(text, None, logprobs))
 
     def final_chunk(self, finish_reason: str) -> dict[str, Any]:
         """The chunk that carries the finish reason (its delta is empty unless nothing came before)."""
@@ -69,14 +105,15 @@ class ResponseShape:
         chunk["usage"] = usage(prompt_tokens, completion_tokens)
         return chunk
 
-    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         """A non-streaming response."""
         if self.kind == CHAT:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finish_reason}
+                                      "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}

@@ -45,3 +45,20 @@ def test_sdk_sees_errors_as_exceptions(sdk):
 
 def test_sdk_lists_models(sdk):
     assert [m.id for m in sdk.models.list()] == ["demo"]
+
+
+def test_sdk_reads_logprobs_streamed_and_whole(sdk):
+    """Each streamed token's logprob arrives with it; the whole answer lists the same ones."""
+    kwargs = dict(model="test", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                  extra_body={"ignore_eos": True})
+    chunks = [c for c in sdk.chat.completions.create(stream=True, **kwargs) if c.choices and c.choices[0].logprobs]
+    streamed = [entry for c in chunks for entry in c.choices[0].logprobs.content]
+    whole = sdk.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert len(streamed) == len(whole) == 8
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
+    for entry in whole:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        # Greedy: the sampled token is the most likely one.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.encode() == b"".join(bytes(e.bytes) for e in streamed)

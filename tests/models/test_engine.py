@@ -254,3 +254,28 @@ def test_greedy_with_a_penalty_takes_the_best_penalised_token_at_every_step(tmp_
             logits = model(torch.tensor([GOLDEN_PROMPT + out[:step]]))[0, -1:]  # [1, V]
             scores = apply_penalties(logits, [params], [(GOLDEN_PROMPT, out[:step])])[0]
             assert scores[token] >= scores.max() - 1e-4, f"step {step}"
+
+
+
+def test_every_generated_token_gets_its_logprob_once_in_order(engine, backend, tiny_checkpoint):
+    """Held-back text (byte-fallback pieces, a possible stop string) delays a token's logprob to a later
+    delta, never drops or repeats it; each is the log-softmax of the full forward pass's logits."""
+    from models.checkpoint import load_model
+
+    req = request([1, 50, 60, 70], max_tokens=24, ignore_eos=True, temperature=1.0, seed=5, logprobs=3)
+    sink = RecordingSink()
+    engine.submit(req, sink)
+    finished = sink.wait()
+    entries = [e for event in sink.events if isinstance(event, TextDelta) for e in event.logprobs]
+    out = ids_of(backend, req)
+    assert [e.token for e in entries] == out and finished.completion_tokens == len(out) == 24
+    # This seed's text has multi-byte characters spread over byte-fallback tokens: some deltas carry
+    # the logprobs of several tokens (the held-back ones), so the delay path is exercised.
+    assert max(len(event.logprobs) for event in sink.events if isinstance(event, TextDelta)) > 1
+    model = load_model(tiny_checkpoint, CPU)
+    with torch.inference_mode():
+        logits = model(torch.tensor([req.prompt_ids + out]))[0, len(req.prompt_ids) - 1:-1]  # [24, V]
+    expected = torch.log_softmax(logits, -1)
+    for step, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(expected[step, entry.token].item(), abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0][1] == pytest.approx(expected[step].max().item(), abs=1e-4)

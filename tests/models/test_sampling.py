@@ -9,7 +9,7 @@ import torch
 
 from models.api import GenerationRequest, SamplingParams
 from models.errors import ModelError
-from models.sampling import apply_penalties, draw, filter_logits, make_generator, sample
+from models.sampling import apply_penalties, draw, filter_logits, make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))  # probabilities, most likely first
@@ -176,3 +176,15 @@ def test_only_penalised_rows_change_and_greedy_takes_the_penalised_best():
     params = [SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0)]
     assert sample(logits, params, [None, None], [([], [0]), None]) == [1, 0]
     assert apply_penalties(logits, [SamplingParams(), SamplingParams()], [None, None]) is logits
+
+
+def test_token_logprobs_are_the_raw_distributions_for_the_rows_that_ask():
+    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])  # rows 0 and 2 are the module's distribution
+    params = [SamplingParams(logprobs=2, temperature=0.5), SamplingParams(), SamplingParams(logprobs=0)]
+    out = token_logprobs(logits, params, [1, 0, ModelError("bad row")])
+    assert out[1] is None and out[2] is None  # not asked; failed
+    assert out[0].token == 1 and out[0].logprob == pytest.approx(math.log(0.25), abs=1e-6)  # temperature aside
+    assert [t for t, _ in out[0].top] == [0, 1]
+    assert [lp for _, lp in out[0].top] == pytest.approx([math.log(0.5), math.log(0.25)], abs=1e-6)
+    zero = token_logprobs(LOGITS.unsqueeze(0), [SamplingParams(logprobs=0)], [4])[0]
+    assert zero.top == () and zero.logprob == pytest.approx(math.log(0.03), abs=1e-6)

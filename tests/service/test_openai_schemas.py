@@ -92,11 +92,12 @@ def test_completion_prompt_forms(prompt, expected):
     ({**CHAT, "stream": 1}, "stream", "valid boolean"),
     ({**CHAT, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage", "valid boolean"),
     ({**CHAT, "n": 2}, "n", "only n = 1"),
-    ({**CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ({**CHAT, "logprobs": "yes"}, "logprobs", "valid boolean"),
     ({**CHAT, "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
     ({**CHAT, "frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
     ({**CHAT, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
-    ({**CHAT, "top_logprobs": 3}, "top_logprobs", "not supported"),
+    ({**CHAT, "top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
 ])
 def test_bad_chat_bodies_name_the_field(body, param, words):
     with pytest.raises(InvalidRequest) as caught:
@@ -112,7 +113,7 @@ def test_bad_chat_bodies_name_the_field(body, param, words):
     ({"prompt": None}, "prompt", "valid string"),
     ({"prompt": ["a", "b"]}, "prompt", "only one prompt"),
     ({"prompt": [-1]}, "prompt.0", "greater than or equal to 0"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs", "greater than or equal to 0"),
     ({"prompt": "x", "echo": True}, "echo", "not supported"),
     ({"prompt": "x", "best_of": 3}, "best_of", "only best_of = 1"),
 ])
@@ -121,6 +122,13 @@ def test_bad_completion_bodies_name_the_field(body, param, words):
         parse(CompletionRequest, body)
     assert caught.value.param == param
     assert words in caught.value.message
+
+
+def test_logprobs_reach_the_engine_as_the_number_of_alternatives():
+    assert parse(ChatRequest, CHAT).sampling(4).logprobs is None
+    assert parse(ChatRequest, {**CHAT, "logprobs": True}).sampling(4).logprobs == 0
+    assert parse(ChatRequest, {**CHAT, "logprobs": True, "top_logprobs": 5}).sampling(4).logprobs == 5
+    assert parse(CompletionRequest, {"prompt": "x", "logprobs": 3}).sampling(4).logprobs == 3
 
 
 def test_unused_features_left_at_their_off_values_are_accepted():

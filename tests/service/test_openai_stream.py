@@ -1,0 +1,44 @@
+"""OpenAI response objects with logprobs: chat's content list and completions' parallel lists."""
+from __future__ import annotations
+
+from models.api import TokenLogprob
+from service.openai_stream import CHAT, COMPLETION, ResponseShape
+
+TOKEN_BYTES = {7: b" Hi", 8: b"\xe5", 9: b"!"}.__getitem__
+ENTRIES = (TokenLogprob(7, -0.5, ((7, -0.5), (9, -1.5))), TokenLogprob(8, -0.25, ((8, -0.25),)))
+
+
+def test_without_logprobs_asked_the_field_is_null():
+    shape = ResponseShape(CHAT, "r", "m")
+    assert shape.text_chunk("Hi", ENTRIES)["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_list_every_token_with_bytes_and_alternatives():
+    shape = ResponseShape(CHAT, "r", "m", token_bytes=TOKEN_BYTES)
+    logprobs = shape.text_chunk(" Hi", ENTRIES)["choices"][0]["logprobs"]
+    assert logprobs == {"content": [
+        {"token": " Hi", "logprob": -0.5, "bytes": [32, 72, 105], "top_logprobs": [
+            {"token": " Hi", "logprob": -0.5, "bytes": [32, 72, 105]},
+            {"token": "!", "logprob": -1.5, "bytes": [33]}]},
+        # Half a character: the bytes are exact, the token text escaped, as OpenAI shows it.
+        {"token": "\\xe5", "logprob": -0.25, "bytes": [229], "top_logprobs": [
+            {"token": "\\xe5", "logprob": -0.25, "bytes": [229]}]},
+    ]}
+    # A chunk that carries no token (the final one) has none.
+    assert shape.final_chunk("stop")["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_are_parallel_lists_with_offsets_across_chunks():
+    shape = ResponseShape(COMPLETION, "r", "m", token_bytes=TOKEN_BYTES)
+    first = shape.text_chunk(" Hi", ENTRIES[:1])["choices"][0]["logprobs"]
+    second = shape.text_chunk("!", (TokenLogprob(9, -2.0, ()),))["choices"][0]["logprobs"]
+    assert first == {"tokens": [" Hi"], "token_logprobs": [-0.5], "top_logprobs": [{" Hi": -0.5, "!": -1.5}],
+                     "text_offset": [0]}
+    # The sampled token is always in top_logprobs, even with no alternatives asked for.
+    assert second == {"tokens": ["!"], "token_logprobs": [-2.0], "top_logprobs": [{"!": -2.0}], "text_offset": [3]}
+
+
+def test_a_whole_response_carries_all_the_logprobs():
+    shape = ResponseShape(CHAT, "r", "m", token_bytes=TOKEN_BYTES)
+    whole = shape.whole(" Hi", "length", 3, 2, ENTRIES)
+    assert [e["logprob"] for e in whole["choices"][0]["logprobs"]["content"]] == [-0.5, -0.25]
