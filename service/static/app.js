@@ -70,6 +70,8 @@ async function start(event) {
     messages: [{ role: "user", content: $("prompt").value }],
     max_tokens: Number($("max-tokens").value),
     temperature: Number($("temperature").value),
+    // Small models loop ("R. R. R."); a mild penalty on tokens already seen keeps the demo readable.
+    repetition_penalty: Number($("repetition-penalty").value),
     // Generate all max_tokens even past the model's end of text: long streams to watch.
     ignore_eos: $("ignore-eos").checked,
     stream_options: { include_usage: true },

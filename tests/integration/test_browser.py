@@ -24,6 +24,7 @@ AUTH = {"X-Auth-Token": API_KEY}
 WAIT_MS = 60_000  # bound on waits in the page; never asserted on
 PROMPT = "Tell me a fortune."
 MAX_TOKENS = 200  # with ignore_eos: long enough that the drop lands mid-stream
+REPETITION_PENALTY = 1.3  # not the page's default: the page must send what the form says
 
 pytestmark = pytest.mark.browser
 
@@ -62,13 +63,14 @@ def fill_form(page, *, max_tokens: int, ignore_eos: bool) -> None:
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", str(max_tokens))
     page.fill("#temperature", "0")
+    page.fill("#repetition-penalty", str(REPETITION_PENALTY))
     page.fill("#api-key", API_KEY)
     page.set_checked("#ignore-eos", ignore_eos)
 
 
 def uninterrupted_text(srv: LiveServer, max_tokens: int) -> str:
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True}
+            "ignore_eos": True, "repetition_penalty": REPETITION_PENALTY}
     answer = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert answer.status_code == 200, answer.text
     return answer.json()["choices"][0]["message"]["content"]
