@@ -63,18 +63,28 @@ def _read_at_most(limit: int) -> bytes:
 _READ_CHUNK = 64 * 1024
 
 
-def client_gone() -> bool:
-    """Has the client of this request closed its connection? Its body is read, so the socket turns
-    readable only when it closes (EOF) or pipelines its next request (data): a peek tells which.
-    Outside gunicorn (the test client) there is no socket to look at: never gone."""
-    sock = request.environ.get("gunicorn.socket")
+def client_socket() -> Any:
+    """This request's connection (gunicorn puts it in the environ); None outside gunicorn (test client)."""
+    return request.environ.get("gunicorn.socket")
+
+
+def socket_closed(sock: Any) -> bool:
+    """Has the client closed ``sock``? Its request body is read, so the socket turns readable only when
+    the client closes it (EOF) or pipelines its next request (data): a peek tells which. Asking before a
+    write catches a gone client at once; a write alone fails only at the second write after the close.
+    No socket to look at: never closed."""
     if sock is None:
         return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)  # gevent's select: polls, never waits
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:  # reset by the peer, or already closed
+    except (OSError, ValueError):  # reset by the peer, or closed already (fileno -1)
         return True
+
+
+def client_gone() -> bool:
+    """Has the client of the current request hung up? (For use inside a request context.)"""
+    return socket_closed(client_socket())
 
 
 def whole_answer(job: Job) -> Response:
@@ -96,11 +106,13 @@ def note_job(record: RequestRecord, job: Job) -> None:
 
 def event_stream(job: Job) -> Response:
     """Send ``job`` as an event stream: ``retry:`` first, an ``id:`` on every event, ``: ping`` while quiet,
-    ``[DONE]`` last. A client that hangs up makes the next write fail; gunicorn then closes this
-    generator, ``GeneratorExit`` rises at its ``yield``, and ``finally`` aborts the engine's work.
+    ``[DONE]`` last. A client that hangs up is seen before the next write (``socket_closed``), or makes
+    a write fail (gunicorn then closes this generator and ``GeneratorExit`` rises at its ``yield``);
+    either way ``finally`` aborts the engine's work.
     A bug while streaming still ends the stream properly (an internal_error event, then ``[DONE]``)."""
     record = current_record()
     metrics = runtime().metrics
+    sock = client_socket()  # the generator runs after the view returns, outside the request context
 
     def frames() -> Iterator[bytes]:
         ids = sse.EventIds()
@@ -109,6 +121,8 @@ def event_stream(job: Job) -> Response:
                 yield sse.retry()
                 try:
                     for payload in job:
+                        if socket_closed(sock):
+                            return  # the client hung up: finally cancels the work before the next step
                         if payload is HEARTBEAT:
                             yield sse.comment("ping")
                         else:
