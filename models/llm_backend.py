@@ -10,7 +10,7 @@ from models.api import TextDelta
 from models.checkpoint import load_config, load_meta, load_model
 from models.config import LlamaConfig
 from models.errors import CheckpointError, ModelError, RivuletError
-from models.memory import GiB, CachePlan, free_bytes
+from models.memory import GiB, CachePlan, free_bytes, kv_cache_bytes
 from models.runner import LlamaRunner, StepResult
 from models.scheduler import Scheduler, Ticket
 from models.sequence import Sequence
@@ -70,11 +70,15 @@ class LlamaBackend:
             torch.cuda.set_device(self.device)
         model = load_model(self.directory, self.device)
         dtype = model.lm_head.weight.dtype
-        plan = CachePlan(model.config, self.max_batch, self.context_length, dtype)
-        plan.check(self.device, free_bytes(self.device))
-        self.runner = LlamaRunner(model, self.max_batch, self.context_length)
-        log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens", self.directory, self.device,
-                 dtype, plan.bytes / GiB, self.max_batch, self.context_length)
+        free = free_bytes(self.device)
+        batch = CachePlan(model.config, self.max_batch, self.context_length, dtype).fitting_batch(self.device, free)
+        if batch < self.max_batch:
+            log.warning("the KV cache of RIVULET_MAX_BATCH=%d sequences of %d tokens does not fit in the %.1f GiB "
+                        "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",
+                        self.max_batch, self.context_length, free / GiB, self.device, batch)
+        self.runner = LlamaRunner(model, batch, self.context_length)
+        log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens", self.directory, self.device, dtype,
+                 kv_cache_bytes(model.config, batch, self.context_length, dtype) / GiB, batch, self.context_length)
 
     def close(self) -> None:
         self.runner = None
@@ -87,7 +91,8 @@ class LlamaBackend:
         """Prefill what was admitted, then one decode step shared by every running sequence."""
         if self.runner is None:
             raise RuntimeError("LlamaBackend.step before load()")
-        admitted = scheduler.admit()
+        # At most the cache's free rows: fewer than RIVULET_MAX_BATCH when memory allowed no more.
+        admitted = scheduler.admit(limit=self.runner.max_batch - len(self.runner.rows))
         if admitted:
             self._prefill(scheduler, admitted)
         if self.runner.rows:

@@ -1,9 +1,10 @@
-"""Will the KV cache fit? Checked once at load, so a too-large batch or context fails with a message
-that says what to change, instead of an out-of-memory crash (or, on Linux, the OOM killer) later.
+"""How many sequences' KV cache fits? Asked once at load, instead of an out-of-memory crash (or, on
+Linux, the OOM killer) later.
 
 The cache is preallocated for ``max_batch`` rows of ``max_seq`` positions in every layer: for a 7B
 Llama 2 (32 layers, 32 KV heads of 128) in bf16 that is 0.5 MiB a position, so 32 rows of 4,096
-positions want 64 GiB on top of the weights. RIVULET_MAX_BATCH and RIVULET_MAX_CONTEXT are the knobs.
+positions want 64 GiB on top of the weights. When they do not fit, fewer rows are allocated and fewer
+sequences run at once (the rest wait); when not even one fits, loading fails naming RIVULET_MAX_CONTEXT.
 """
 from __future__ import annotations
 
@@ -54,28 +55,24 @@ class CachePlan:
     def bytes(self) -> int:
         return kv_cache_bytes(self.config, self.max_batch, self.max_seq, self.dtype)
 
-    def check(self, device: torch.device, free: int | None) -> None:
-        """Raise CapacityError when the cache would take more than CACHE_SHARE of ``free`` bytes."""
+    def fitting_batch(self, device: torch.device, free: int | None) -> int:
+        """How many sequences the cache can hold in CACHE_SHARE of ``free`` bytes: ``max_batch`` when all
+        fit (or the free memory is unknown), fewer when not, as vLLM serves fewer sequences at once when
+        its cache is short. Raises CapacityError when not even one sequence of the context fits."""
         if free is None:
-            return
+            return self.max_batch
         budget = int(free * CACHE_SHARE)
-        if self.bytes <= budget:
-            return
         per_row = kv_cache_bytes(self.config, 1, self.max_seq, self.dtype)
-        per_position = kv_cache_bytes(self.config, self.max_batch, 1, self.dtype)
-        fitting_batch = budget // per_row
-        fitting_context = budget // per_position
-        advice = []
-        if fitting_batch >= 1:
-            advice.append(f"RIVULET_MAX_BATCH={fitting_batch}")
-        if fitting_context >= 2:
-            advice.append(f"RIVULET_MAX_CONTEXT={fitting_context}")
+        fitting = min(self.max_batch, budget // per_row)
+        if fitting >= 1:
+            return fitting
+        fitting_context = budget // kv_cache_bytes(self.config, 1, 1, self.dtype)
+        advice = (f"set RIVULET_MAX_CONTEXT={fitting_context} or less" if fitting_context >= 2
+                  else "the weights leave no room: use a larger device or a smaller model")
         raise CapacityError(
-            f"the KV cache for {self.max_batch} sequences (RIVULET_MAX_BATCH) of {self.max_seq} tokens "
-            f"(RIVULET_MAX_CONTEXT, else config.json max_position_embeddings) needs {self.bytes / GiB:.1f} GiB "
-            f"({self.config.num_hidden_layers} layers x {self.config.num_key_value_heads} KV heads x "
-            f"{self.config.head_dim}, {str(self.dtype).removeprefix('torch.')}), but {free / GiB:.1f} GiB is "
-            f"free on {device} after loading the weights and the cache may take {CACHE_SHARE:.0%} of it; "
-            + ("set " + " or ".join(advice) + " (or lower both)" if advice
-               else "the weights leave no room: use a larger device or a smaller model")
+            f"the KV cache for one sequence of {self.max_seq} tokens (RIVULET_MAX_CONTEXT, else config.json "
+            f"max_position_embeddings) needs {per_row / GiB:.2f} GiB ({self.config.num_hidden_layers} layers x "
+            f"{self.config.num_key_value_heads} KV heads x {self.config.head_dim}, "
+            f"{str(self.dtype).removeprefix('torch.')}), but {free / GiB:.2f} GiB is free on {device} after "
+            f"loading the weights and the cache may take {CACHE_SHARE:.0%} of it; {advice}"
         )

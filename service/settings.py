@@ -32,7 +32,8 @@ class Settings(BaseModel):
     model: Path = DEMO_MODEL_DIR
     # auto = the first CUDA device when there is one, else the CPU.
     device: str = "auto"
-    # Sequences decoded together in one step (also the number of KV-cache rows allocated).
+    # Sequences decoded together in one step (also the number of KV-cache rows allocated; fewer when
+    # they do not fit in the memory left after the weights, see models/memory.py).
     max_batch: int = Field(32, ge=1)
     # Tokens (prompt + output) per sequence; unset = the checkpoint's own context. The KV cache holds
     # max_batch x max_context positions, so a long-context model may need it lower to fit in memory.
