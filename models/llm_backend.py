@@ -10,7 +10,7 @@ from models.api import TextDelta
 from models.checkpoint import load_config, load_meta, load_model
 from models.config import LlamaConfig
 from models.errors import CheckpointError, ModelError, RivuletError
-from models.memory import GiB, CachePlan, free_bytes, kv_cache_bytes
+from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
 from models.runner import LlamaRunner, StepResult
 from models.scheduler import Scheduler, Ticket
 from models.sequence import Sequence
@@ -71,7 +71,7 @@ class LlamaBackend:
         model = load_model(self.directory, self.device)
         dtype = model.lm_head.weight.dtype
         free = free_bytes(self.device)
-        batch = CachePlan(model.config, self.max_batch, self.context_length, dtype).fitting_batch(self.device, free)
+        batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free)
         if batch < self.max_batch:
             log.warning("the KV cache of RIVULET_MAX_BATCH=%d sequences of %d tokens does not fit in the %.1f GiB "
                         "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",

@@ -8,7 +8,6 @@ sequences run at once (the rest wait); when not even one fits, loading fails nam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,35 +43,25 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class CachePlan:
-    config: LlamaConfig
-    max_batch: int
-    max_seq: int
-    dtype: torch.dtype
-
-    @property
-    def bytes(self) -> int:
-        return kv_cache_bytes(self.config, self.max_batch, self.max_seq, self.dtype)
-
-    def fitting_batch(self, device: torch.device, free: int | None) -> int:
-        """How many sequences the cache can hold in CACHE_SHARE of ``free`` bytes: ``max_batch`` when all
-        fit (or the free memory is unknown), fewer when not, as vLLM serves fewer sequences at once when
-        its cache is short. Raises CapacityError when not even one sequence of the context fits."""
-        if free is None:
-            return self.max_batch
-        budget = int(free * CACHE_SHARE)
-        per_row = kv_cache_bytes(self.config, 1, self.max_seq, self.dtype)
-        fitting = min(self.max_batch, budget // per_row)
-        if fitting >= 1:
-            return fitting
-        fitting_context = budget // kv_cache_bytes(self.config, 1, 1, self.dtype)
-        advice = (f"set RIVULET_MAX_CONTEXT={fitting_context} or less" if fitting_context >= 2
-                  else "the weights leave no room: use a larger device or a smaller model")
-        raise CapacityError(
-            f"the KV cache for one sequence of {self.max_seq} tokens (RIVULET_MAX_CONTEXT, else config.json "
-            f"max_position_embeddings) needs {per_row / GiB:.2f} GiB ({self.config.num_hidden_layers} layers x "
-            f"{self.config.num_key_value_heads} KV heads x {self.config.head_dim}, "
-            f"{str(self.dtype).removeprefix('torch.')}), but {free / GiB:.2f} GiB is free on {device} after "
-            f"loading the weights and the cache may take {CACHE_SHARE:.0%} of it; {advice}"
-        )
+def fitting_batch(config: LlamaConfig, max_batch: int, max_seq: int, dtype: torch.dtype,
+                  device: torch.device, free: int | None) -> int:
+    """How many sequences of ``max_seq`` tokens the cache can hold in CACHE_SHARE of ``free`` bytes:
+    ``max_batch`` when all fit (or the free memory is unknown), fewer when not, as vLLM serves fewer
+    sequences at once when its cache is short. Raises CapacityError when not even one fits."""
+    if free is None:
+        return max_batch
+    budget = int(free * CACHE_SHARE)
+    per_row = kv_cache_bytes(config, 1, max_seq, dtype)
+    fitting = min(max_batch, budget // per_row)
+    if fitting >= 1:
+        return fitting
+    fitting_context = budget // kv_cache_bytes(config, 1, 1, dtype)
+    advice = (f"set RIVULET_MAX_CONTEXT={fitting_context} or less" if fitting_context >= 2
+              else "the weights leave no room: use a larger device or a smaller model")
+    raise CapacityError(
+        f"the KV cache for one sequence of {max_seq} tokens (RIVULET_MAX_CONTEXT, else config.json "
+        f"max_position_embeddings) needs {per_row / GiB:.2f} GiB ({config.num_hidden_layers} layers x "
+        f"{config.num_key_value_heads} KV heads x {config.head_dim}, {str(dtype).removeprefix('torch.')}), "
+        f"but {free / GiB:.2f} GiB is free on {device} after loading the weights and the cache may take "
+        f"{CACHE_SHARE:.0%} of it; {advice}"
+    )

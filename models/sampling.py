@@ -138,13 +138,10 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams],
     if not rows:
         return results
     logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
-    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logits.device)).flatten()
-    widest = max(params[row].logprobs for row in rows)
-    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest > 0 else (None, None)
-    chosen_list = chosen.tolist()
-    top_pairs = list(zip(top_ids.tolist(), top_values.tolist())) if widest > 0 else []
+    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in rows], device=logits.device))
+    top_values, top_ids = logprobs.topk(max(params[row].logprobs for row in rows), dim=-1)  # [R, N]
+    chosen_list, ids, values = chosen.flatten().tolist(), top_ids.tolist(), top_values.tolist()
     for i, row in enumerate(rows):
         n = params[row].logprobs
-        top = tuple(zip(top_pairs[i][0][:n], top_pairs[i][1][:n])) if n else ()
-        results[row] = TokenLogprob(tokens[row], chosen_list[i], top)
+        results[row] = TokenLogprob(tokens[row], chosen_list[i], tuple(zip(ids[i][:n], values[i][:n])))
     return results

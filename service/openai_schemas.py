@@ -104,10 +104,6 @@ class ChatMessage(_Body):
         return message
 
 
-def _not_supported(what: str) -> ValueError:
-    return ValueError(f"{what} is not supported by this server; leave it unset")
-
-
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     # Newer OpenAI clients send this instead of max_tokens for chat.
@@ -148,12 +144,8 @@ class CompletionRequest(_Generation):
     @classmethod
     def _no_echo(cls, value: bool) -> bool:
         if value:
-            raise _not_supported("echo")
+            raise ValueError("echo is not supported by this server; leave it unset")
         return value
-
-    @property
-    def requested_logprobs(self) -> int | None:
-        return self.logprobs
 
     @field_validator("best_of")
     @classmethod
@@ -161,6 +153,10 @@ class CompletionRequest(_Generation):
         if value not in (None, 1):
             raise ValueError("only best_of = 1 is supported")
         return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from models import llm_backend, memory
 from models.config import LlamaConfig
 from models.errors import CapacityError, CheckpointError
 from models.llm_backend import LlamaBackend
-from models.memory import GiB, CachePlan, kv_cache_bytes
+from models.memory import GiB, fitting_batch, kv_cache_bytes
 from tests.models.support import RecordingBackend, RecordingSink, generate, request, running_engine, tiny_config
 
 CPU = torch.device("cpu")
@@ -28,16 +28,14 @@ def test_cache_size_of_a_known_model():
 
 
 def test_a_cache_that_fits_keeps_the_batch_and_an_unknown_free_size_is_not_checked():
-    plan = CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16)
-    assert plan.fitting_batch(CPU, free=80 * GiB) == 32
-    assert plan.fitting_batch(CPU, free=None) == 32
+    assert fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=80 * GiB) == 32
+    assert fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=None) == 32
 
 
 def test_a_cache_too_large_for_the_batch_gets_the_most_rows_that_fit():
     # 2 GiB a sequence of 4,096 tokens; 90% of 40 GiB holds 18 of them (as on an 80 GB GPU after 13 GiB
     # of weights, less what others use).
-    plan = CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16)
-    batch = plan.fitting_batch(torch.device("cuda:0"), free=40 * GiB)
+    batch = fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, torch.device("cuda:0"), free=40 * GiB)
     budget = 40 * GiB * memory.CACHE_SHARE
     assert kv_cache_bytes(LLAMA2_7B, batch, 4096, torch.bfloat16) <= budget
     assert kv_cache_bytes(LLAMA2_7B, batch + 1, 4096, torch.bfloat16) > budget
@@ -45,14 +43,13 @@ def test_a_cache_too_large_for_the_batch_gets_the_most_rows_that_fit():
 
 
 def test_not_even_one_sequence_names_the_context_that_would_fit():
-    plan = CachePlan(LLAMA2_7B, 32, 4096, torch.bfloat16)
-    with pytest.raises(CapacityError) as caught:
-        plan.fitting_batch(torch.device("cuda:0"), free=GiB)  # 0.9 GiB: 1,843 positions of 0.5 MiB
+    with pytest.raises(CapacityError) as caught:  # 0.9 GiB: 1,843 positions of 0.5 MiB
+        fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, torch.device("cuda:0"), free=GiB)
     message = caught.value.message
     assert "2.00 GiB" in message and "cuda:0" in message and "bfloat16" in message
     assert "RIVULET_MAX_CONTEXT=1843 or less" in message
     with pytest.raises(CapacityError, match="the weights leave no room"):
-        plan.fitting_batch(CPU, free=1024)
+        fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=1024)
 
 
 def test_the_cpu_reports_its_free_memory():
