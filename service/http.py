@@ -1,9 +1,9 @@
 """Small helpers the routes share: the runtime, the JSON body (size-limited), and streaming a Job as SSE."""
 from __future__ import annotations
 
+import _socket
 import json
 import logging
-import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -69,17 +69,32 @@ def client_socket() -> Any:
 
 
 def socket_closed(sock: Any) -> bool:
-    """Has the client closed ``sock``? Its request body is read, so the socket turns readable only when
-    the client closes it (EOF) or pipelines its next request (data): a peek tells which. Asking before a
-    write catches a gone client at once; a write alone fails only at the second write after the close.
-    No socket to look at: never closed."""
+    """Has the client closed ``sock``? Its request body is read, so the socket has bytes to read only when
+    the client closed it (EOF) or pipelined its next request (data): a non-blocking peek tells which.
+    Asking before a write catches a gone client at once; a write alone fails only at the second write
+    after the close. No socket to look at: never closed.
+
+    Only a definite answer counts as gone: EOF, a reset, or a socket already closed on our side. Anything
+    else (no data yet, an error we cannot read) is "alive", and the next write decides. The probe never
+    uses ``select``, which cannot take a descriptor of 1024 or more (every stream past the first
+    thousand or so would look gone), and never the gevent socket's ``recv``, which waits for data.
+    """
     if sock is None:
         return False
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # closed on our side already
+    probe = _socket.socket(fileno=fd)  # the C socket: no gevent wait, no select; borrowed, never closed
     try:
-        readable, _, _ = select.select([sock], [], [], 0)  # gevent's select: polls, never waits
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):  # reset by the peer, or closed already (fileno -1)
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: the client is still there
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
         return True
+    except OSError:
+        return False  # could not tell: let the next write decide
+    finally:
+        probe.detach()
 
 
 def client_gone() -> bool:

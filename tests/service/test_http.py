@@ -33,3 +33,29 @@ def test_a_socket_closed_on_our_side_counts_as_gone_and_no_socket_as_never():
         ours.close()
         assert socket_closed(ours)
     assert not socket_closed(None)
+
+
+def test_a_connection_on_a_descriptor_past_1024_is_probed_like_any_other():
+    # select() cannot take fd >= 1024: such connections used to look gone before their first event.
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        import pytest
+        pytest.skip(f"the hard open-files limit ({hard}) is below 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    try:
+        ours, theirs = socket.socketpair()
+        high = socket.socket(fileno=os.dup2(ours.fileno(), 1050))
+        ours.close()
+        with high, theirs:
+            assert high.fileno() >= 1024
+            assert not socket_closed(high)
+            theirs.sendall(b"x")
+            assert not socket_closed(high)
+            assert high.recv(1) == b"x"
+            theirs.close()
+            assert socket_closed(high)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
