@@ -86,11 +86,17 @@ class PackageOutput:
     data: dict[str, Any]
 
 
+# Why a request ended: the model stopped (EOS, a stop string) or hit max_tokens / the context; the
+# client left or DELETEd it; its time ran out; it failed; the worker shut down.
+STOP, LENGTH, CANCELLED, TIMEOUT, ERROR, SHUTDOWN = "stop", "length", "cancelled", "timeout", "error", "shutdown"
+COMPLETED = (STOP, LENGTH)  # the endings that are an answer, not an error
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The last event of every request. ``reason``: stop, length, cancelled, timeout, error, shutdown."""
 
-    reason: str
+    reason: str  # one of STOP, LENGTH, CANCELLED, TIMEOUT, ERROR, SHUTDOWN
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = field(default=None)
@@ -105,4 +111,3 @@ class Sink(Protocol):
     def put(self, event: Event) -> None: ...
 
 
-FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error", "shutdown")

@@ -1,4 +1,4 @@
-"""The engine's work for a Llama checkpoint: load it, then admit → prefill → batched decode step."""
+"""The engine's backend for a Llama checkpoint: load it, then execute each step (a prefill or a batched decode)."""
 from __future__ import annotations
 
 import logging
@@ -6,21 +6,17 @@ from pathlib import Path
 
 import torch
 
-from models.api import TextDelta
 from models.checkpoint import load_config, load_meta, load_model
 from models.config import LlamaConfig
-from models.errors import CheckpointError, ModelError, RivuletError
+from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
-from models.runner import LlamaRunner, StepResult
-from models.scheduler import Scheduler, Ticket
+from models.outputs import Failed, Output, Sampled
+from models.runner import LlamaRunner
+from models.scheduler import Batch, Ticket
 from models.sequence import Sequence
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("rivulet.engine")
-
-# What one request's own work may raise without harming the others: its prompt, its sampling, its
-# detokenization. Anything else from a step (the batched forward pass) is engine-wide.
-REQUEST_ERRORS = (RivuletError, RuntimeError, ValueError, IndexError, KeyError, UnicodeError)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -29,11 +25,6 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     meta = load_meta(directory, config)
     return Tokenizer(directory / "tokenizer.model", bos_id=meta.bos_token_id, eos_ids=meta.eos_token_ids,
                      add_bos=meta.add_bos_token, chat_template=meta.chat_template)
-
-
-def as_model_error(exc: Exception, what: str) -> RivuletError:
-    """A request's own failure as the error its client sees (typed errors pass through)."""
-    return exc if isinstance(exc, RivuletError) else ModelError(f"{what} failed: {exc}")
 
 
 def served_context(config: LlamaConfig, max_context: int | None, directory: Path) -> int:
@@ -83,64 +74,43 @@ class LlamaBackend:
     def close(self) -> None:
         self.runner = None
 
+    def free_slots(self) -> int:
+        """Free KV-cache rows: fewer than RIVULET_MAX_BATCH when memory allowed no more."""
+        return 0 if self.runner is None else self.runner.max_batch - len(self.runner.rows)
+
     def release(self, ticket: Ticket) -> None:
         if isinstance(ticket.work, Sequence) and self.runner is not None:
             self.runner.release(ticket.work)
 
-    def step(self, scheduler: Scheduler) -> None:
-        """Prefill what was admitted, then one decode step shared by every running sequence."""
+    def execute(self, batch: Batch) -> list[Output]:
+        """Prefill the requests just admitted, or run one decode step shared by every running sequence.
+
+        Running out of memory fails this batch's requests only (a smaller batch may fit); anything else
+        a forward pass raises is the engine's failure and propagates."""
         if self.runner is None:
-            raise RuntimeError("LlamaBackend.step before load()")
-        # At most the cache's free rows: fewer than RIVULET_MAX_BATCH when memory allowed no more.
-        admitted = scheduler.admit(limit=self.runner.max_batch - len(self.runner.rows))
-        if admitted:
-            self._prefill(scheduler, admitted)
-        if self.runner.rows:
-            self._hand_out(scheduler, self.runner.decode(), "decoding")
-
-    def _prefill(self, scheduler: Scheduler, tickets: list[Ticket]) -> None:
-        for ticket in tickets:
-            ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)
-            ticket.prompt_tokens = len(ticket.request.prompt_ids)
-        try:
-            results = self.runner.prefill([t.work for t in tickets])
-        except REQUEST_ERRORS as exc:  # the prompts' pass failed (say, out of memory): fail them, not all
-            log.warning("prefill failed for %d requests: %s", len(tickets), exc)
+            raise RuntimeError("LlamaBackend.execute before load()")
+        if batch.prefill:
+            tickets = batch.prefill
             for ticket in tickets:
-                scheduler.finish(ticket, "error", as_model_error(exc, "prefill"))
-            return
-        self._hand_out(scheduler, results, "prefill")
+                ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)
+                ticket.prompt_tokens = len(ticket.request.prompt_ids)
+            step = lambda: self.runner.prefill([t.work for t in tickets])  # noqa: E731
+        else:
+            tickets = batch.decode
+            step = self.runner.decode
+        try:
+            results = step()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("out of memory in a step of %d requests: they fail, the engine goes on", len(tickets))
+            return [Failed(t, ModelError(f"out of memory for this batch: {exc}")) for t in tickets]
+        by_sequence = {id(t.work): t for t in tickets}
+        return [Failed(by_sequence[id(r.seq)], r.error) if r.error is not None
+                else Sampled(by_sequence[id(r.seq)], r.token, r.logprob) for r in results]
 
-    def _hand_out(self, scheduler: Scheduler, results: list[StepResult], what: str) -> None:
-        """Send each row's new text, then finish the requests that ended (or failed) at this step."""
-        tickets = {id(t.work): t for t in scheduler.running}
-        finished: list[tuple[Ticket, str, RivuletError | None]] = []
-        for result in results:
-            ticket = tickets[id(result.seq)]
-            if result.error is not None:
-                finished.append((ticket, "error", result.error))
-                continue
-            if result.logprob is not None:
-                ticket.work.pending_logprobs.append(result.logprob)
-            try:
-                reason = self._append(ticket, result.token)
-            except REQUEST_ERRORS as exc:  # this request's detokenization or sink, not the engine's
-                log.warning("request %s failed in %s: %s", ticket.request_id, what, exc)
-                finished.append((ticket, "error", as_model_error(exc, what)))
-                continue
-            if reason:
-                finished.append((ticket, reason, None))
-        for ticket, reason, error in finished:
-            scheduler.finish(ticket, reason, error)
 
-    def _append(self, ticket: Ticket, token: int) -> str | None:
-        seq: Sequence = ticket.work
-        text, reason = seq.append(token)
-        ticket.completion_tokens = len(seq.output_ids)
-        # Logprobs of held-back tokens wait for the next text, or go out with the last delta.
-        logprobs = ()
-        if seq.pending_logprobs and (text or reason):
-            logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
-        if text or logprobs:
-            ticket.sink.put(TextDelta(text, ticket.completion_tokens, logprobs))
-        return reason
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The device (CUDA) or the host allocator (CPU: a plain RuntimeError) could not allocate."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))

@@ -7,10 +7,12 @@ says ready, then runs one ``infer`` at a time to completion (packages are not ba
 the device while it runs), and ``finalize()`` at shutdown.
 
 Package code is someone else's, so every edge of it is guarded: each output is checked (a dict of JSON
-values with the first output's schema); a request whose client left or whose time ran out makes the next
-``send_streamed_output`` raise ``StreamClosed`` so that ``infer`` stops at once; an ``infer`` that raises
-ends its stream with an error event; one that forgets ``finalise_streamed_output()`` is finalised for it.
-Whatever happens, the request ends exactly once (``Scheduler.finish``) and the engine thread moves on.
+values with the first output's schema); a request whose client left or whose time ran out gets its last
+event at once, and ``infer`` either runs on with its outputs discarded (the default: nothing it leaves
+behind can reach the next request) or is stopped by ``StreamClosed`` (packages that declare
+``RAISE_ON_CANCEL = True``); an ``infer`` that raises ends its stream with an error event; one that
+forgets ``finalise_streamed_output()`` is finalised for it. Whatever happens, the request ends exactly
+once and the engine thread moves on only when ``infer`` has returned.
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ from typing import Any, Callable
 
 import torch
 
-from models.api import PackageOutput, PackageRequest
+from models.api import ERROR, STOP, PackageOutput, PackageRequest
 from models.errors import CheckpointError, ModelError
+from models.outputs import Ended, Output
 from models.package_output import OutputSchema, json_copy
 from models.package_schema import InputSchema
-from models.scheduler import FINISHED, Scheduler, Ticket, error_for
+from models.scheduler import FINISHED, Batch, Ticket
 
 log = logging.getLogger("rivulet.package")
 
@@ -59,7 +62,8 @@ class PackageContext:
 
 
 class StreamClosed(BaseException):
-    """Raised inside ``infer`` by ``send_streamed_output`` once the request is over: stop now.
+    """Raised inside ``infer`` by ``send_streamed_output`` once the request is over, for packages that
+    asked to stop early (``RAISE_ON_CANCEL = True`` in input_schema.py): return now.
 
     ``reason``: cancelled (the client left), timeout, error (a bad output), or finished (sent after
     ``finalise_streamed_output()``). A BaseException, like GeneratorExit and for the same reason: package
@@ -73,47 +77,75 @@ class StreamClosed(BaseException):
 
 
 class StreamOutputHandler:
-    """``infer``'s ``stream_output_handler``: one per request. Call it from ``infer``'s own thread."""
+    """``infer``'s ``stream_output_handler``: one per request.
 
-    def __init__(self, scheduler: Scheduler, ticket: Ticket) -> None:
-        self._scheduler = scheduler
+    Once the request is over (its client left, its time ran out, an output was refused, or it was
+    finalised), the client has had its last event. What ``send_streamed_output`` does then depends on
+    the package: by default it discards the output and returns, so ``infer`` runs to its own end and
+    leaves nothing behind for the next request (a generation thread still filling a streamer kept on
+    ``self``, as Inferless's templates do, would otherwise hand its leftover text to the next caller).
+    A package that declares ``RAISE_ON_CANCEL = True`` gets ``StreamClosed`` raised instead, to stop
+    at once; it promises that stopping early leaves no state behind. Either way ``cancelled`` tells
+    ``infer`` (or its generation thread) that nobody is listening any more.
+    """
+
+    def __init__(self, ticket: Ticket, *, raise_on_cancel: bool) -> None:
         self._ticket = ticket
+        self._raise_on_cancel = raise_on_cancel
         self._schema = OutputSchema()
-        self.finalised = False
+        self.discarded = 0  # outputs sent after the request was over
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the request is over for its client: poll it to stop a generation early."""
+        return self._ticket.state == FINISHED or self._ticket.stop_reason(time.monotonic()) is not None
 
     def send_streamed_output(self, output: dict[str, Any]) -> None:
-        """Send one event. Raises StreamClosed when the request is over (and ends it if it must end now)."""
-        self._raise_if_closed()
+        """Send one event. After the end: discard it (or raise StreamClosed, see the class docstring)."""
+        if self._close_if_over():
+            return
         try:
             data = json_copy(output)
             self._schema.check(data)
         except ModelError as exc:
             log.warning("request %s: %s", self._ticket.request_id, exc.message)
-            self._scheduler.finish(self._ticket, "error", exc)
-            raise StreamClosed("error") from None
+            self._ticket.end(ERROR, exc)
+            self._closed(ERROR)
+            return
         self._ticket.completion_tokens += 1  # an output is a package's unit of generation
         self._ticket.sink.put(PackageOutput(data))
 
     def finalise_streamed_output(self) -> None:
-        """End the stream (``[DONE]``). Calling it again, or after the request ended, does nothing."""
-        if self._ticket.state != FINISHED:
-            self.finalised = True
-            self._scheduler.finish(self._ticket, "stop")
+        """End the stream (``[DONE]``). After a cancel or past the deadline the stream keeps that ending;
+        calling it again, or after the request ended, does nothing."""
+        if not self._close_if_over(finalising=True):
+            self._ticket.end(STOP)
 
     finalize_streamed_output = finalise_streamed_output  # the American spelling, for convenience
 
-    def _raise_if_closed(self) -> None:
+    def _close_if_over(self, *, finalising: bool = False) -> bool:
+        """End the request if its client left or its time ran out. -> whether it is over (after
+        raising StreamClosed, for packages that asked for it)."""
         ticket = self._ticket
         if ticket.state == FINISHED:
-            raise StreamClosed("finished")
-        reason = ticket.stop_reason(time.monotonic())
-        if reason:
-            self._scheduler.finish(ticket, reason, error_for(reason))
+            reason = "finished"
+        else:
+            reason = ticket.stop_reason(time.monotonic())
+            if reason is None:
+                return False
+            ticket.end(reason)
+        if not finalising:
+            self._closed(reason)
+        return True
+
+    def _closed(self, reason: str) -> None:
+        if self._raise_on_cancel:
             raise StreamClosed(reason)
+        self.discarded += 1
 
 
 class PackageBackend:
-    """The engine's Backend for a model package."""
+    """The engine's Backend for a model package: one ``infer`` at a time, each a whole step."""
 
     kind = "package"
 
@@ -127,13 +159,14 @@ class PackageBackend:
         if not hasattr(schema_module, "INPUT_SCHEMA"):
             raise CheckpointError(f"{self.directory / SCHEMA_FILE} defines no INPUT_SCHEMA")
         self.input_schema = InputSchema.from_declaration(schema_module.INPUT_SCHEMA, SCHEMA_FILE)
-        streaming = getattr(schema_module, "IS_STREAMING_OUTPUT", False)  # absent: Inferless's default
-        if not isinstance(streaming, bool):
-            raise CheckpointError(f"{SCHEMA_FILE}: IS_STREAMING_OUTPUT must be True or False, not {streaming!r}")
-        self.is_streaming = streaming
+        self.is_streaming = _flag(schema_module, "IS_STREAMING_OUTPUT")  # absent: Inferless's default
+        self.raise_on_cancel = _flag(schema_module, "RAISE_ON_CANCEL")  # absent: drain, the safe default
         self.context = PackageContext(self.directory, self.device)
         self.model: Any = None
         self._warned_unfinalised = False
+        # Requests whose client left (or whose time ran out) while infer went on: the engine thread
+        # stayed with them until infer returned. Written by the engine thread only.
+        self.drained_requests = 0
 
     # --- the engine thread ---------------------------------------------------------------------
 
@@ -144,13 +177,16 @@ class PackageBackend:
         self.model = model_class()
         if callable(getattr(self.model, "initialize", None)):
             _call_with_context(self.model.initialize, self.context)
-        log.info("package %s ready (%s, %s)", self.directory, model_class.__name__,
-                 "streaming" if self.is_streaming else "one output per request")
+        log.info("package %s ready (%s, %s, %s on cancel)", self.directory, model_class.__name__,
+                 "streaming" if self.is_streaming else "one output per request",
+                 "stops early" if self.raise_on_cancel else "drains")
 
-    def step(self, scheduler: Scheduler) -> None:
-        """Run one request's ``infer`` to completion; the engine reaps and admits between calls."""
-        for ticket in scheduler.admit(limit=1):
-            self._serve(scheduler, ticket)
+    def free_slots(self) -> int:
+        return 1  # execute runs one infer to its end, so between steps the package is always free
+
+    def execute(self, batch: Batch) -> list[Output]:
+        """Run one request's ``infer`` to its end (a package holds the engine thread while it runs)."""
+        return [self._serve(ticket) for ticket in batch.prefill]
 
     def release(self, ticket: Ticket) -> None:
         """Nothing to free per request: a package's state lives in its model object."""
@@ -163,9 +199,9 @@ class PackageBackend:
             except Exception:  # shutdown goes on; the package's failure is logged, not hidden
                 log.exception("finalize() of package %s raised", self.name)
 
-    def _serve(self, scheduler: Scheduler, ticket: Ticket) -> None:
+    def _serve(self, ticket: Ticket) -> Ended:
         request: PackageRequest = ticket.request
-        handler = StreamOutputHandler(scheduler, ticket)
+        handler = StreamOutputHandler(ticket, raise_on_cancel=self.raise_on_cancel)
         ticket.work = handler
         inputs = dict(request.inputs)  # infer may mutate its copy
         try:
@@ -174,25 +210,31 @@ class PackageBackend:
             else:
                 handler.send_streamed_output(self.model.infer(inputs))
                 handler.finalise_streamed_output()
-        except StreamClosed:
-            return  # raised only after the request was ended (cancel, timeout, bad output, already finished)
+        except StreamClosed as closed:  # raised only after the request was ended
+            return Ended(ticket, closed.reason)
         except Exception as exc:  # the package's failure ends this request only
             log.exception("infer of package %s failed for request %s", self.name, ticket.request_id)
-            scheduler.finish(ticket, "error", ModelError(f"infer failed: {type(exc).__name__}: {exc}"))
-            return
-        if ticket.state != FINISHED:
-            self._finish_unfinalised(scheduler, ticket)
+            return Ended(ticket, ERROR, ModelError(f"infer failed: {type(exc).__name__}: {exc}"))
+        if ticket.stop_reason(time.monotonic()):  # its client left or its time ran out while infer ran
+            self.drained_requests += 1
+        return self._after_return(ticket)
 
-    def _finish_unfinalised(self, scheduler: Scheduler, ticket: Ticket) -> None:
+    def _after_return(self, ticket: Ticket) -> Ended:
         reason = ticket.stop_reason(time.monotonic())
-        if reason:  # it returned without sending again after the client left or time ran out
-            scheduler.finish(ticket, reason, error_for(reason))
-            return
+        if ticket.state == FINISHED or reason:  # ended already, or nothing was sent after the client left
+            return Ended(ticket, reason or STOP)
         if not self._warned_unfinalised:  # once: a package that forgets, forgets on every request
             self._warned_unfinalised = True
             log.warning("package %s: infer returned without calling finalise_streamed_output(); Rivulet "
                         "ends such streams itself (this warning is logged once)", self.name)
-        scheduler.finish(ticket, "stop")
+        return Ended(ticket, STOP)
+
+
+def _flag(module: ModuleType, name: str) -> bool:
+    value = getattr(module, name, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{SCHEMA_FILE}: {name} must be True or False, not {value!r}")
+    return value
 
 
 def _import_file(path: Path) -> ModuleType:

@@ -1,10 +1,16 @@
-"""Request states and the order of work. No torch here: tested with a fake runner.
+"""Request states and the order of work. No torch here: tested with a fake backend.
 
 A ``Ticket`` is one submitted request, shared by the greenlet that submitted it and the engine thread.
 The web side writes only ``cancel_reason`` (an attribute store is atomic); everything else belongs to
-the engine thread. The scheduler keeps the waiting queue and the running set, admits work up to
-``max_batch``, reaps cancelled and timed-out requests, and sends each request's ``Finished`` event
-exactly once.
+the engine thread.
+
+The scheduler keeps the waiting queue and the running set. Each step of the engine loop asks it what
+to run (``schedule``): newly admitted requests to prefill, or else every running request for one decode
+step. That choice is the place for a per-step token budget (chunked prefill): today a step is either
+the prompts of the requests just admitted, or one token for each running request.
+
+``finish`` is the one way a request ends: it leaves the queue or the batch, its slot is released, and
+its ``Finished`` event goes out, exactly once.
 """
 from __future__ import annotations
 
@@ -13,17 +19,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from models.api import Finished, GenerationRequest, PackageRequest, Sink
+from models.api import CANCELLED, SHUTDOWN, TIMEOUT, Finished, GenerationRequest, PackageRequest, Sink
 from models.errors import RequestTimeout, RivuletError, Shutdown
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+TIMEOUT_MESSAGE = "the request ran past its time limit (RIVULET_REQUEST_TIMEOUT_S)"
 
 
 @dataclass(eq=False)
 class Ticket:
     request: GenerationRequest | PackageRequest
     sink: Sink
-    cancel_reason: str | None = None  # set by the web side: "cancelled"
+    cancel_reason: str | None = None  # set by the web side: "cancelled" (or "timeout")
     state: str = WAITING
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -39,16 +46,41 @@ class Ticket:
         if self.cancel_reason:
             return self.cancel_reason
         if now >= self.request.deadline:
-            return "timeout"
+            return TIMEOUT
         return None
+
+    def end(self, reason: str, error: Exception | None = None) -> bool:
+        """Send this request's ``Finished``, once. -> whether this call ended it.
+
+        Only ``Scheduler.finish`` calls it for a request the scheduler holds; the engine client calls
+        it for tickets that never reached a scheduler (submitted as the engine ended)."""
+        if self.state == FINISHED:
+            return False
+        self.state = FINISHED
+        self.work = None
+        self.sink.put(Finished(reason, self.prompt_tokens, self.completion_tokens,
+                               error if error is not None else error_for(reason)))
+        return True
 
 
 def error_for(reason: str) -> RivuletError | None:
-    if reason == "timeout":
-        return RequestTimeout("the request ran past its time limit (RIVULET_REQUEST_TIMEOUT_S)")
-    if reason == "shutdown":
+    """The error a client sees for an ending that is not the model's own (None for stop, length, cancel)."""
+    if reason == TIMEOUT:
+        return RequestTimeout(TIMEOUT_MESSAGE)
+    if reason == SHUTDOWN:
         return Shutdown("the server is shutting down; retry the request")
     return None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's work: prompts to prefill (just admitted), or rows to decode one token each."""
+
+    prefill: tuple[Ticket, ...] = ()
+    decode: tuple[Ticket, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
 
 
 class Scheduler:
@@ -57,7 +89,7 @@ class Scheduler:
         self.waiting: deque[Ticket] = deque()
         self.running: list[Ticket] = []
         self.on_release = on_release  # frees a running ticket's batch slot / KV cache
-        self.left_waiting = 0  # only the engine thread writes it; see Engine.waiting_count
+        self._prefilled_last = False  # prefill and decode steps alternate while both have work
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,12 +97,24 @@ class Scheduler:
     def add(self, ticket: Ticket) -> None:
         self.waiting.append(ticket)
 
-    def admit(self, limit: int | None = None) -> list[Ticket]:
-        """Move waiting tickets to running, up to ``max_batch`` running (and ``limit`` new ones, if given)."""
+    def schedule(self, free_slots: int) -> Batch:
+        """What the next step runs. ``free_slots``: how many more requests the backend can hold now
+        (free KV-cache rows; 1 or 0 for a package). New requests are prefilled first, so that a
+        request's time to first token does not wait behind other requests' decoding; but never twice
+        in a row while requests are running, so a steady trickle of arrivals cannot stall them."""
+        decoding = tuple(self.running)
+        if not (self._prefilled_last and decoding):
+            admitted = self._admit(free_slots)
+            if admitted:
+                self._prefilled_last = True
+                return Batch(prefill=tuple(admitted))
+        self._prefilled_last = False
+        return Batch(decode=decoding)
+
+    def _admit(self, limit: int) -> list[Ticket]:
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch and (limit is None or len(admitted) < limit):
+        while self.waiting and len(self.running) < self.max_batch and len(admitted) < limit:
             ticket = self.waiting.popleft()
-            self.left_waiting += 1
             ticket.state = RUNNING
             self.running.append(ticket)
             admitted.append(ticket)
@@ -80,33 +124,30 @@ class Scheduler:
         """Finish every cancelled or timed-out request, waiting or running. -> how many."""
         count = 0
         for ticket in [t for t in (*self.waiting, *self.running) if t.stop_reason(now)]:
-            reason = ticket.stop_reason(now)
-            self.finish(ticket, reason, error_for(reason))
+            self.finish(ticket, ticket.stop_reason(now))
             count += 1
         return count
 
     def finish(self, ticket: Ticket, reason: str, error: Exception | None = None) -> None:
-        """End ``ticket`` with ``reason``: free its slot and send its ``Finished``, once.
+        """End ``ticket`` with ``reason``: take it off the queue or the batch, free its slot, and send its
+        ``Finished`` (once: a ticket a package ended mid-``infer`` keeps its first ending).
 
         ``Finished`` goes out even when freeing the slot raises (a broken device): the client hears
         the end of its request, and the exception goes on to fail the engine.
         """
-        if ticket.state == FINISHED:
-            return
-        was_running = ticket.state == RUNNING
-        if was_running:
+        if ticket in self.running:  # identity (eq=False); the batch is small
             self.running.remove(ticket)
-        else:
-            self.waiting.remove(ticket)
-            self.left_waiting += 1
-        ticket.state = FINISHED
-        try:
-            if was_running:
+            try:
                 self.on_release(ticket)
-        finally:
-            ticket.work = None
-            ticket.sink.put(Finished(reason, ticket.prompt_tokens, ticket.completion_tokens, error))
+            finally:
+                ticket.end(reason, error)
+        elif ticket.state == WAITING:
+            self.waiting.remove(ticket)
+            ticket.end(reason, error)
 
     def finish_all(self, reason: str, error: Exception | None = None) -> None:
         for ticket in [*self.running, *self.waiting]:
-            self.finish(ticket, reason, error if error is not None else error_for(reason))
+            self.finish(ticket, reason, error)
+
+
+__all__ = ["Batch", "CANCELLED", "FINISHED", "RUNNING", "Scheduler", "Ticket", "WAITING", "error_for"]

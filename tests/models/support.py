@@ -24,6 +24,7 @@ from models.config import LlamaConfig
 from models.engine import Engine
 from models.llama import Llama
 from models.llm_backend import LlamaBackend
+from models.outputs import Sampled
 
 # Mixed scripts so the tokenizer has multi-byte pieces; characters outside it (most emoji, rare
 # Chinese) become byte-fallback pieces.
@@ -119,9 +120,12 @@ class RecordingBackend(LlamaBackend):
         super().__init__(*args, **kwargs)
         self.tokens: dict[str, list[int]] = {}
 
-    def _append(self, ticket, token):
-        self.tokens.setdefault(ticket.request_id, []).append(token)
-        return super()._append(ticket, token)
+    def execute(self, batch):
+        outputs = super().execute(batch)
+        for output in outputs:
+            if isinstance(output, Sampled):
+                self.tokens.setdefault(output.ticket.request_id, []).append(output.token)
+        return outputs
 
 
 def request(prompt_ids: list[int], *, deadline_s: float = 60.0, **sampling) -> GenerationRequest:

@@ -86,13 +86,13 @@ def test_a_short_memory_serves_fewer_sequences_at_once_and_every_request_still_e
     monkeypatch.setattr(llm_backend, "free_bytes", lambda device: int(2.5 * per_row / memory.CACHE_SHARE))
     backend = RecordingBackend(tiny_checkpoint, CPU, max_batch=4)
     seen_running = []
-    step = backend.step
+    execute = backend.execute
 
-    def watched_step(scheduler):
-        step(scheduler)
-        seen_running.append(len(scheduler.running))
+    def watched_execute(batch):
+        seen_running.append(len(backend.runner.rows) + len(batch.prefill))
+        return execute(batch)
 
-    monkeypatch.setattr(backend, "step", watched_step)
+    monkeypatch.setattr(backend, "execute", watched_execute)
     with running_engine(backend, max_batch=4) as engine:
         assert backend.runner.max_batch == 2
         sinks = [RecordingSink() for _ in range(5)]

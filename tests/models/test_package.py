@@ -17,6 +17,7 @@ from models.api import Finished, PackageOutput, PackageRequest
 from models.engine import STARTING, Engine
 from models.errors import CheckpointError, ModelError, RequestTimeout
 from models.package import PackageBackend, is_package_dir
+from tests.models.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ROOT / "models" / "packages" / "words"
@@ -145,7 +146,7 @@ def test_packages_run_one_infer_at_a_time_in_order(package_log):
         for tag in ("a", "b", "c"):
             submit(engine, {"mode": "ok", "count": 3, "interval_ms": 5, "tag": tag}, sink=shared)
         events = [shared.next() for _ in range(12)]
-        assert engine.running_count == 0
+        wait_for(lambda: engine.running_count == 0, what="the last infer to return")
     # every output of a request comes before the next request's first: no interleaving
     kinds = ["F" if isinstance(e, Finished) else "o" for e in events]
     assert kinds == ["o", "o", "o", "F"] * 3

@@ -64,9 +64,12 @@ class StalledBackend(LlamaBackend):
     def load(self) -> None:
         pass
 
-    def step(self, scheduler) -> None:
-        scheduler.admit()
+    def free_slots(self) -> int:
+        return 4
+
+    def execute(self, batch) -> list:
         self.unblock.wait(30)
+        return []
 
 
 @pytest.fixture
