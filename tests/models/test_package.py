@@ -335,3 +335,42 @@ def test_the_alternative_class_name_and_helper_modules_next_to_app(tmp_path):
     with running(directory) as engine:
         outputs, finished = submit(engine, {"prompt": "hey"})[1].until_finished()
     assert outputs == [{"text": "HEY!"}] and finished.reason == "stop"
+
+
+# --- cancellation: packages written like Inferless's templates are drained, never cut short ----------
+
+DRAINING = FIXTURES / "packages" / "draining"
+
+
+def test_a_cancelled_request_of_a_draining_package_ends_at_once_while_infer_runs_to_its_end(package_log):
+    with running(DRAINING) as engine:
+        assert engine.backend.raise_on_cancel is False
+        ticket, sink = submit(engine, {"count": 40, "interval_ms": 5, "tag": "a"})
+        assert isinstance(sink.next(), PackageOutput)
+        engine.abort(ticket)
+        outputs, finished = sink.until_finished()
+        assert (finished.reason, finished.error) == ("cancelled", None)
+        after = submit(engine, {"count": 2, "tag": "b"})[1].until_finished()
+        assert engine.backend.drained_requests == 1
+    # a discarded output never reaches the client: far fewer than 40 arrived
+    assert len(outputs) < 39 and sink.events.empty()
+    # infer went on to its own end (all 40 sends) before the next request started
+    assert recorded(package_log) == ["a sent 40 cancelled=True", "b sent 2 cancelled=False"]
+    assert after == ([{"tick": 0, "call": 2}, {"tick": 1, "call": 2}], Finished("stop", 0, 2, None))
+
+
+def test_finalising_after_the_deadline_keeps_the_timeout(package_log):
+    with running(DRAINING) as engine:
+        _, sink = submit(engine, {"count": 30, "interval_ms": 10, "tag": "t"}, timeout_s=0.1)
+        outputs, finished = sink.until_finished()
+        submit(engine, {"count": 1})[1].until_finished()  # after the drained infer returned
+    assert finished.reason == "timeout" and isinstance(finished.error, RequestTimeout)
+    assert recorded(package_log)[0] == "t sent 30 cancelled=True"
+
+
+def test_finalising_after_a_cancel_keeps_cancelled():
+    with running(DRAINING) as engine:
+        ticket, sink = submit(engine, {"count": 1, "interval_ms": 300})
+        assert isinstance(sink.next(), PackageOutput)
+        engine.abort(ticket)  # while infer sleeps after its only send; it finalises next
+        assert sink.until_finished() == ([], Finished("cancelled", 0, 1, None))
