@@ -51,6 +51,11 @@ class Engine:
         return self.state == READY
 
     @property
+    def was_ready(self) -> bool:
+        """The model loaded and served: a failure now is a fault (restart), not a model that cannot load."""
+        return self._loop.was_ready
+
+    @property
     def error(self) -> str | None:
         return self._declared_dead or self._loop.error
 

@@ -58,6 +58,7 @@ class EngineLoop:
         self.error: str | None = None
         self.step_started_at: float | None = None  # monotonic start of the step in progress
         self.fault_requested = False  # written by the client (a test hook), cleared here
+        self.was_ready = False  # it loaded: a failure now is a fault to recover from, not a bad model
 
     def run(self) -> None:
         """Load, then loop until shutdown or an engine-wide failure; the backend is closed either way."""
@@ -71,6 +72,7 @@ class EngineLoop:
                 self._end(DEAD, f"loading failed: {exc}")
                 return
             self.phase = READY
+            self.was_ready = True
             log.info("engine ready: %s (%s)", self.backend.name, self.backend.kind)
             try:
                 with torch.inference_mode():

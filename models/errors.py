@@ -6,6 +6,10 @@ event after it started. Nothing here knows about HTTP.
 """
 from __future__ import annotations
 
+from models.api import SHUTDOWN, TIMEOUT
+
+TIMEOUT_MESSAGE = "the request ran past its time limit (RIVULET_REQUEST_TIMEOUT_S)"
+
 
 class RivuletError(Exception):
     """Base class. ``type`` and ``code`` go to the client as ``error.type`` / ``error.code``."""
@@ -97,3 +101,12 @@ class CapacityError(RivuletError):
 
     type = "capacity_error"
     code = "capacity_error"
+
+
+def error_for(reason: str) -> RivuletError | None:
+    """The error a client sees for an ending that is not the model's own (None for stop, length, cancel)."""
+    if reason == TIMEOUT:
+        return RequestTimeout(TIMEOUT_MESSAGE)
+    if reason == SHUTDOWN:
+        return Shutdown("the server is shutting down; retry the request")
+    return None

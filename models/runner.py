@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from models.api import TokenLogprob
-from models.errors import ContextLengthExceeded, InvalidRequest, ModelError, RivuletError
+from models.errors import ModelError, RivuletError
 from models.llama import Llama
+from models.prompt_checks import prompt_error
 from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
@@ -76,7 +77,7 @@ class LlamaRunner:
             seq.row = len(self.rows)
             self.rows.append(seq)
             self.cached.append(0)
-            error = self._prompt_error(seq.request.prompt_ids)
+            error = prompt_error(seq.request.prompt_ids, self.max_seq)
             if error is not None:
                 results[id(seq)] = StepResult(seq, None, error)
             else:
@@ -86,15 +87,6 @@ class LlamaRunner:
             for result in self._prefill_group(group):
                 results[id(result.seq)] = result
         return [results[id(seq)] for seq in seqs]
-
-    def _prompt_error(self, prompt_ids: list[int]) -> RivuletError | None:
-        if not prompt_ids:
-            return InvalidRequest("the prompt is empty", param="prompt")
-        if len(prompt_ids) >= self.max_seq:
-            return ContextLengthExceeded(
-                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_seq} including "
-                "at least one generated token", param="prompt")
-        return None
 
     @staticmethod
     def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -19,11 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from models.api import CANCELLED, SHUTDOWN, TIMEOUT, Finished, GenerationRequest, PackageRequest, Sink
-from models.errors import RequestTimeout, RivuletError, Shutdown
+from models.api import CANCELLED, TIMEOUT, Finished, GenerationRequest, PackageRequest, Sink
+from models.errors import error_for
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-TIMEOUT_MESSAGE = "the request ran past its time limit (RIVULET_REQUEST_TIMEOUT_S)"
 
 
 @dataclass(eq=False)
@@ -61,15 +60,6 @@ class Ticket:
         self.sink.put(Finished(reason, self.prompt_tokens, self.completion_tokens,
                                error if error is not None else error_for(reason)))
         return True
-
-
-def error_for(reason: str) -> RivuletError | None:
-    """The error a client sees for an ending that is not the model's own (None for stop, length, cancel)."""
-    if reason == TIMEOUT:
-        return RequestTimeout(TIMEOUT_MESSAGE)
-    if reason == SHUTDOWN:
-        return Shutdown("the server is shutting down; retry the request")
-    return None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
         self.eos_ids = eos_ids or (self.sp.eos_id(),)
         self.add_bos = add_bos
-        self.chat_template = chat_template
         self._template = _compile(chat_template or BUILTIN_CHAT_TEMPLATE)
 
     @property
@@ -67,6 +66,10 @@ class Tokenizer:
         if any(not 0 <= i < size for i in ids):
             ids = [i for i in ids if 0 <= i < size]
         return self.sp.decode(ids)
+
+    def longest_piece_chars(self) -> int:
+        """The most characters one token can stand for (a bound on the text a prompt of N tokens holds)."""
+        return max(len(self.sp.id_to_piece(i)) for i in range(self.sp.get_piece_size()))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for, as logprobs report it: a byte-fallback piece is its one byte

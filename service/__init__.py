@@ -8,7 +8,7 @@ from flask import Flask
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from models.engine import Backend
+    from models.serving import Backend
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> Flask:
@@ -20,7 +20,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     starts after gunicorn forks the worker. Until then ``/ready`` says 503.
     """
     from service import (
-        auth, cors, errors, request_log, routes_health, routes_openai, routes_package, routes_streams,
+        auth, cors, errors, request_log, routes_demo, routes_health, routes_openai, routes_package, routes_streams,
+        routes_test_hooks,
     )
     from service.lifecycle import Runtime
 
@@ -44,4 +45,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_package.bp)
     app.register_blueprint(routes_streams.bp)
+    app.register_blueprint(routes_demo.bp)
+    if settings.test_hooks:
+        app.register_blueprint(routes_test_hooks.bp)
     return app

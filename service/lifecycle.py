@@ -1,13 +1,17 @@
-"""One worker's runtime: the backend, the engine and its OS thread, the channel bridge, graceful drain.
+"""One worker's runtime: the served model, its engine thread, the channel bridge, drain and recovery.
 
 ``create_app`` builds a ``Runtime`` (cheap: config and tokenizer only, no weights, no thread). The
 engine thread starts later, from gunicorn's ``post_worker_init`` in the forked worker, through
 ``on_worker_start``: after fork, because CUDA and threads do not survive a fork; returning at once,
 because ``/ready`` answers 503 until the model is loaded and the worker must serve meanwhile.
+
+Then one greenlet watches the worker (``watch_worker``): on SIGTERM it drains (stop admitting, let
+running work finish, end the rest with a shutdown event); when the engine fails after it was ready, or
+one step runs far past any request's time limit (a stuck device, a package's ``infer`` that never
+returns), it ends the worker so that gunicorn starts a fresh one, which reloads the model.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,11 +19,8 @@ from typing import Any
 
 import gevent
 import gevent.monkey
-import torch
 
-from models.engine import Backend, Engine
-from models.llm_backend import LlamaBackend
-from models.package import PackageBackend, is_package_dir
+from models.serving import Backend, ModelSpec, ServedModel, open_model
 from service.channel import Bridge
 from service.metrics import Metrics
 from service.settings import Settings
@@ -29,21 +30,10 @@ log = logging.getLogger("rivulet.service")
 # engine.shutdown() is called this long before gunicorn's graceful_timeout ends, so every stream still
 # open gets its shutdown event and [DONE] before gunicorn would cut the connections.
 SHUTDOWN_MARGIN_S = 2.0
-DRAIN_POLL_S = 0.1  # how often the drain watcher looks at worker.alive
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_backend(settings: Settings) -> Backend:
-    """A model package when RIVULET_MODEL is one, else a Llama checkpoint. Raises CheckpointError."""
-    device = resolve_device(settings.device)
-    if is_package_dir(settings.model):
-        return PackageBackend(settings.model, device)
-    return LlamaBackend(settings.model, device, settings.max_batch, settings.max_context)
+WATCH_POLL_S = 0.1  # how often the watcher looks at the worker and the engine
+# Once the engine has failed, the open streams get this long to write their error events before the
+# worker stops (they end at once; this is only the time to flush them to the sockets).
+FAILED_FLUSH_S = 1.0
 
 
 @dataclass(eq=False)
@@ -51,49 +41,39 @@ class Runtime:
     """Everything a worker's routes share. Stored in ``app.extensions["rivulet"]``."""
 
     settings: Settings
-    backend: Backend
-    engine: Engine
+    model: ServedModel
     metrics: Metrics
     bridge: Bridge | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
-    _started: bool = field(default=False, repr=False)
     _thread_done: bool = field(default=False, repr=False)  # written once by the engine thread
 
     @classmethod
     def build(cls, settings: Settings, *, backend: Backend | None = None) -> Runtime:
-        backend = backend or build_backend(settings)
-        engine = Engine(backend, max_batch=settings.max_batch, max_waiting=settings.max_waiting)
+        spec = ModelSpec(settings.model, settings.device, settings.max_batch, settings.max_waiting,
+                         settings.max_context)
+        model = open_model(spec, backend=backend)
+        engine = model.engine
         metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count)
-        return cls(settings, backend, engine, metrics)
+        return cls(settings, model, metrics)
+
+    @property
+    def engine(self) -> Any:
+        return self.model.engine
 
     @property
     def model_name(self) -> str:
-        return self.backend.name
-
-    @functools.cached_property
-    def prompt_char_limit(self) -> int:
-        """No prompt longer than this many characters can fit an LLM's context: a token covers at most
-        the longest vocabulary piece. Checked before tokenizing, so a huge prompt is refused at once
-        instead of holding the hub (and every stream on it) while sentencepiece works through it."""
-        sp = self.backend.tokenizer.sp
-        longest_piece = max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size()))
-        return self.backend.context_length * max(1, longest_piece)
-
-    @property
-    def started(self) -> bool:
-        return self._started
+        return self.model.name
 
     def start(self) -> None:
         """Create the bridge on this thread's hub and start the engine's OS thread. Returns at once."""
-        if self._started:
+        if self.bridge is not None:
             return
-        self._started = True
         self.bridge = Bridge(gevent.get_hub())
         # A patched threading.Thread (and even get_original("threading", "Thread")) would run the engine
         # as a greenlet on the hub, freezing every connection while torch computes.
         start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
         start_new_thread(self._engine_thread, ())
-        log.info("engine thread started for %s on %s", self.backend.name, getattr(self.backend, "device", "?"))
+        log.info("engine thread started for %s on %s", self.model.name, self.model.device)
 
     def _engine_thread(self) -> None:
         try:
@@ -104,14 +84,19 @@ class Runtime:
     def stop(self, wait_s: float = 10.0) -> None:
         """End every request with a shutdown error and wait (bounded) for the engine thread to finish,
         so that the backend is closed (a package's ``finalize()`` runs) before the process exits."""
-        if not self._started:
+        if self.bridge is None:
             return
         self.engine.shutdown()
-        for _ in range(int(wait_s / DRAIN_POLL_S)):
+        for _ in range(int(wait_s / WATCH_POLL_S)):
             if self._thread_done:
                 return
-            gevent.sleep(DRAIN_POLL_S)
+            gevent.sleep(WATCH_POLL_S)
         log.warning("the engine thread did not stop within %.0fs", wait_s)
+
+    def stuck_after_s(self) -> float:
+        """A step running longer than this is stuck: no request may run that long (its time limit) and
+        the engine checks deadlines between steps, so even a slow step ends well within it."""
+        return self.settings.step_timeout_s or 2 * self.settings.request_timeout_s + 10.0
 
 
 def shutdown_delay(graceful_timeout: float) -> float:
@@ -121,15 +106,38 @@ def shutdown_delay(graceful_timeout: float) -> float:
     return graceful_timeout - SHUTDOWN_MARGIN_S
 
 
-def watch_for_drain(runtime: Runtime, worker: Any) -> gevent.Greenlet:
+def engine_failure(runtime: Runtime, now: float) -> str | None:
+    """Why this worker must be replaced, if it must: its engine died after it was ready, or is stuck."""
+    engine = runtime.engine
+    if engine.state == "dead" and engine.was_ready:
+        return f"the engine failed: {engine.error}"
+    running_s = engine.step_running_s(now)
+    if running_s > runtime.stuck_after_s():
+        return (f"the engine has been inside one step for {running_s:.0f}s (a stuck device, or a model "
+                f"package's infer that does not return; RIVULET_STEP_TIMEOUT_S)")
+    return None
+
+
+def watch_worker(runtime: Runtime, worker: Any) -> gevent.Greenlet:
     """SIGTERM makes gunicorn set ``worker.alive = False``, stop accepting and wait ``graceful_timeout``
     for open connections. Then: stop admitting work (new requests get 503), let running generations go
     on, and shortly before the grace time ends end the rest with a shutdown event and [DONE], so no
-    stream is ever cut mid-chunk."""
+    stream is ever cut mid-chunk.
+
+    An engine that fails or gets stuck makes this worker useless (every request would fail, or wait
+    forever): its streams end with an error event, /ready says 503, and the worker exits the same
+    graceful way, so gunicorn starts a fresh one that reloads the model."""
 
     def watch() -> None:
         while worker.alive:
-            gevent.sleep(DRAIN_POLL_S)
+            failure = engine_failure(runtime, time.monotonic())
+            if failure is not None:
+                log.error("worker %s is replaced: %s", worker.pid, failure)
+                runtime.engine.declare_dead(failure)  # refuse new work; stuck streams end at their deadlines
+                gevent.sleep(FAILED_FLUSH_S)
+                worker.alive = False
+                return
+            gevent.sleep(WATCH_POLL_S)
         delay = shutdown_delay(float(worker.cfg.graceful_timeout))
         log.info("worker %s draining: open streams have %.1fs to finish", worker.pid, delay)
         runtime.engine.begin_drain()
@@ -141,7 +149,7 @@ def watch_for_drain(runtime: Runtime, worker: Any) -> gevent.Greenlet:
 
 
 def on_worker_start(worker: Any) -> None:
-    """gunicorn ``post_worker_init``: route our logs through gunicorn's, start the engine, watch for drain."""
+    """gunicorn ``post_worker_init``: route our logs through gunicorn's, start the engine, watch the worker."""
     rivulet_log = logging.getLogger("rivulet")
     error_log = worker.log.error_log
     rivulet_log.handlers = list(error_log.handlers)
@@ -149,7 +157,7 @@ def on_worker_start(worker: Any) -> None:
     rivulet_log.propagate = False
     runtime: Runtime = worker.wsgi.extensions["rivulet"]
     runtime.start()
-    watch_for_drain(runtime, worker)
+    watch_worker(runtime, worker)
 
 
 def on_worker_exit(worker: Any) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from service.http import event_stream, json_body, runtime, whole_answer
+from service.http import json_body, runtime
 from service.jobs import AUTO, CHAT, COMPLETION, start_job
 from service.request_log import current_record
+from service.responses import event_stream, whole_answer
 
 bp = Blueprint("openai", __name__)
 
@@ -38,5 +39,5 @@ def models() -> Response:
     rt = runtime()
     return jsonify({"object": "list", "data": [{
         "id": rt.model_name, "object": "model", "created": rt.created, "owned_by": "rivulet",
-        "kind": rt.backend.kind,
+        "kind": rt.model.kind,
     }]})

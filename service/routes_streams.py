@@ -1,4 +1,4 @@
-"""Resumable streams for browsers' ``EventSource``, and the demo page that uses them.
+"""Resumable streams for browsers' ``EventSource`` (the demo page, service/routes_demo.py, uses them).
 
 - ``POST /v1/streams`` (API key): the body of ``/v1/chat/completions``, ``/v1/completions`` or a model
   package's ``/v1/sse``; which one is ``kind`` ("chat", "completion", "package"), as a query parameter
@@ -12,29 +12,27 @@
 - ``DELETE /v1/streams/{id}`` (no key, same capability): cancels the work and forgets the stream; 204.
 - ``POST /v1/streams/{id}/drop-readers`` (only with RIVULET_TEST_HOOKS): ends the stream's open GET
   connections without their last event, as a network drop would, so tests can watch a resume.
-- ``GET /``: the demo page (service/static).
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from models.errors import InvalidRequest, NotFound
 from service import sse
 from service.auth import public
-from service.http import json_body, note_job, runtime
+from service.http import json_body, runtime
 from service.jobs import AUTO, CHAT, COMPLETION, DONE, HEARTBEAT, PACKAGE, start_job
 from service.metrics import Metrics
 from service.request_log import RequestRecord, current_record
+from service.responses import note_job
 from service.resumable import DONE_EVENT, DROPPED, GONE, Gap, ResumableStreams
 from service.stream_store import MemoryStreamStore, StoreBounds, StoredEvent, StreamGone
 
 bp = Blueprint("streams", __name__)
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 KINDS = {"chat": CHAT, "completion": COMPLETION, "package": PACKAGE}
@@ -166,22 +164,3 @@ def drop_readers(stream_id: str) -> Response:
     if not runtime().settings.test_hooks:
         raise NotFound("test hooks are off (RIVULET_TEST_HOOKS)")
     return jsonify({"dropped": streams().drop_readers(stream_id)})
-
-
-@bp.get("/")
-@public
-def demo_page() -> Response:
-    return _static("index.html")
-
-
-@bp.get("/demo/<path:filename>")
-@public
-def demo_file(filename: str) -> Response:
-    """The page's script (a route of our own rather than a static folder, so it can be ``@public``)."""
-    return _static(filename)
-
-
-def _static(filename: str) -> Response:
-    response = send_from_directory(STATIC_DIR, filename)
-    response.headers["Cache-Control"] = "no-cache"  # a new version of the page shows at the next load
-    return response

@@ -51,6 +51,11 @@ class Settings(BaseModel):
     max_waiting: int = Field(256, ge=1)
     # A stream quiet this long gets an SSE comment (": ping"), which also probes for a gone client.
     heartbeat_s: float = Field(15.0, gt=0)
+    # One engine step (a batched forward pass, or a whole infer of a model package) running longer than
+    # this means the engine is stuck: the worker ends its streams and restarts. Unset = twice the request
+    # timeout plus 10 s (no request may run longer than its timeout; a drained package's infer may run
+    # on a little after its client left).
+    step_timeout_s: float | None = Field(None, gt=0)
 
     # --- browsers: CORS and resumable streams (/v1/streams) ---
     # Origins allowed to call the API from a page served elsewhere. Empty = no CORS headers.

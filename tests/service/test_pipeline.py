@@ -17,7 +17,7 @@ import torch
 
 from models.llm_backend import LlamaBackend
 from service.jobs import DONE, HEARTBEAT, start_job
-from service.lifecycle import watch_for_drain
+from service.lifecycle import watch_worker
 from service.settings import DEMO_MODEL_DIR
 from tests.sse_client import chat_text, completion_text, events_from_bytes, payloads
 
@@ -246,7 +246,7 @@ def test_sigterm_drain_then_shutdown_event(demo):
     """The drain watcher with gunicorn's worker reduced to what it reads: alive, graceful_timeout, pid."""
     runtime = demo.extensions["rivulet"]
     worker = SimpleNamespace(alive=True, pid=0, cfg=SimpleNamespace(graceful_timeout=0.4))
-    watch_for_drain(runtime, worker)
+    watch_worker(runtime, worker)
     client = demo.test_client()
     response, frames = open_stream(client, "/v1/chat/completions",
                                    {**CHAT, "max_tokens": 500, "ignore_eos": True, "stream": True})

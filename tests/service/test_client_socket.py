@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from gevent import socket
 
-from service.http import socket_closed
+from service.client_socket import socket_closed
 
 
 def test_an_open_idle_connection_is_not_closed():

@@ -1,0 +1,71 @@
+"""The two ways a job's answer leaves: as an event stream, or as one JSON object at its end."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from flask import Response, jsonify
+
+from models.errors import RivuletError
+from service import sse
+from service.answers import collect
+from service.client_socket import client_gone, client_socket, socket_closed
+from service.errors import stream_error_payload
+from service.http import runtime
+from service.jobs import DONE, HEARTBEAT, Job
+from service.request_log import RequestRecord, current_record
+
+log = logging.getLogger("rivulet.service")
+
+
+def whole_answer(job: Job) -> Response:
+    """A non-streaming answer: the job read to its end as one JSON object. A client that hangs up
+    meanwhile cancels the work (``ClientGone``, logged as 499), as it does for a stream."""
+    try:
+        return jsonify(collect(job, client_gone))
+    finally:
+        note_job(current_record(), job)
+
+
+def note_job(record: RequestRecord, job: Job) -> None:
+    """Copy what the job learned into the request's log line."""
+    record.prompt_tokens = job.prompt_tokens
+    record.completion_tokens = job.completion_tokens
+    record.time_to_first_token_s = job.time_to_first_token_s
+    record.finish_reason = job.finish_reason or ("cancelled" if not job.finished else None)
+
+
+def event_stream(job: Job) -> Response:
+    """Send ``job`` as an event stream: ``retry:`` first, an ``id:`` on every event, ``: ping`` while quiet,
+    ``[DONE]`` last. A client that hangs up is seen before the next write (``socket_closed``), or makes
+    a write fail (gunicorn then closes this generator and ``GeneratorExit`` rises at its ``yield``);
+    either way ``finally`` aborts the engine's work.
+    A bug while streaming still ends the stream properly (an internal_error event, then ``[DONE]``)."""
+    record = current_record()
+    metrics = runtime().metrics
+    sock = client_socket()  # the generator runs after the view returns, outside the request context
+
+    def frames() -> Iterator[bytes]:
+        ids = sse.EventIds()
+        with metrics.open_stream():
+            try:
+                yield sse.retry()
+                try:
+                    for payload in job:
+                        if socket_closed(sock):
+                            return  # the client hung up: finally cancels the work before the next step
+                        if payload is HEARTBEAT:
+                            yield sse.comment("ping")
+                        else:
+                            yield ids.event(payload)
+                            if payload == DONE:
+                                return
+                except Exception:  # not GeneratorExit: a gone client is not an error
+                    log.exception("stream %s failed", job.request_id)
+                    yield ids.event(stream_error_payload(RivuletError("internal server error")))
+                    yield ids.event(DONE)
+            finally:
+                job.close()
+                note_job(record, job)
+
+    return sse.response(frames())
