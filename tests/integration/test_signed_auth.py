@@ -2,11 +2,13 @@
 own SDK signer are accepted (a Chinese prompt, a query string, a path that needs encoding, chunked bodies)
 and refused once any one byte of body, header, date, path or query changes; app signing, app codes and
 tokens work beside them; signed POST /v1/streams hands out a stream URL that needs no credential; the log
-and the metrics name the method and key id and never a secret."""
+and the metrics name the method and key id and never a secret; the README's signing example runs."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.integration.test_readme_examples import code_blocks, readme_section
 from tests.live_server import LiveServer, live_server
 from tests.vendor_signer import Signed, sdk_date, vendor_sign
 
@@ -211,3 +214,12 @@ def _request_lines(log: str) -> list[dict]:
         if start >= 0:
             found.append(json.loads(line[start:]))
     return found
+
+
+def test_the_readme_signing_example_works(server):
+    (source,) = code_blocks(readme_section("AK/SK signed requests"), "python")
+    source = source.replace("localhost:8080", host_of(server)).replace('"your-ak"', repr(AK))
+    result = subprocess.run([sys.executable, "-c", source.replace('"your-sk"', repr(SK))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[DONE]" and '"chat.completion.chunk"' in result.stdout
