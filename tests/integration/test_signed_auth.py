@@ -223,3 +223,15 @@ def test_the_readme_signing_example_works(server):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[DONE]" and '"chat.completion.chunk"' in result.stdout
+
+
+def test_a_key_file_others_can_read_stops_start_up(tmp_path):
+    keys = tmp_path / "access_keys"
+    keys.write_text(f"{AK}:{SK}\n")
+    os.chmod(keys, 0o644)
+    with pytest.raises(RuntimeError) as raised:
+        with live_server({"RIVULET_ACCESS_KEYS": str(keys), "RIVULET_DEVICE": "cpu"}, log_dir=tmp_path,
+                         ready_timeout=60):
+            pass
+    assert f"RIVULET_ACCESS_KEYS ({keys}): the key file has mode 0644" in str(raised.value)
+    assert SK not in str(raised.value)
