@@ -5,8 +5,10 @@
 - app signing: the same signature with an AppKey/AppSecret pair of RIVULET_APP_KEYS;
 - app code: ``X-Apig-AppCode: C``, C in RIVULET_APP_CODES.
 
-The credential a request presents picks the method (a signature first, then a token, then an app code);
-its failure is a 401 whose ``error.code`` says which check failed. With no method configured nothing is
+The credential a request presents picks the method (a signature first, then a token, then an app code;
+a credential of a method not configured here is passed over when another is presented, e.g. the openai
+SDK's placeholder Bearer key beside an app code); its failure is a 401 whose ``error.code`` says which
+check failed. With no method configured nothing is
 checked. Every route needs a credential except those marked ``@public`` (health, readiness, metrics, and
 capability URLs such as a resumable stream's GET, whose unguessable id is the credential) and CORS
 preflights. Tokens and codes are compared in constant time against every configured one, so the time
@@ -102,41 +104,48 @@ class Authenticator:
         return bool(self.tokens or self.app_codes or self.access_keys or self.app_keys)
 
     def presented_method(self, req: Request) -> str | None:
-        """Which method the request's credential belongs to (None: it presents none)."""
+        """The method that decides: the first credential presented (signature, token, app code) of a
+        configured method, else the first presented at all (which then fails as disabled), else None."""
+        presented = []
         if signing.is_signed(req.headers.get("Authorization", "")):
-            return SIGNATURE
+            presented.append(SIGNATURE)
         if presented_token(req.headers) is not None:
-            return TOKEN
+            presented.append(TOKEN)
         if req.headers.get(APP_CODE_HEADER, "").strip():
-            return APP_CODE
-        return None
+            presented.append(APP_CODE)
+        configured = [method for method in presented if self._configured(method)]
+        return (configured or presented or [None])[0]
+
+    def _configured(self, method: str) -> bool:
+        if method == SIGNATURE:
+            return self.access_keys is not None or self.app_keys is not None
+        return bool(self.tokens if method == TOKEN else self.app_codes)
 
     def authenticate(self, req: Request) -> Identity:
         method = self.presented_method(req)
         if method is None:
             raise AuthRejected("missing_credentials", f"credentials are required: {self._accepted()}")
+        if not self._configured(method):
+            settings = {SIGNATURE: "RIVULET_ACCESS_KEYS and RIVULET_APP_KEYS are", TOKEN: "RIVULET_API_KEYS is",
+                        APP_CODE: "RIVULET_APP_CODES is"}[method]
+            raise AuthRejected("auth_method_disabled",
+                               f"{method} authentication is not enabled here ({settings} unset): {self._accepted()}")
         if method == TOKEN:
-            return self._by_index(TOKEN, presented_token(req.headers), self.tokens, "RIVULET_API_KEYS",
-                                  "invalid_api_key", "the API key is not valid")
+            return self._by_index(TOKEN, presented_token(req.headers), self.tokens, "invalid_api_key",
+                                  "the API key is not valid")
         if method == APP_CODE:
             return self._by_index(APP_CODE, req.headers[APP_CODE_HEADER].strip(), self.app_codes,
-                                  "RIVULET_APP_CODES", "invalid_app_code", f"the {APP_CODE_HEADER} is not valid")
+                                  "invalid_app_code", f"the {APP_CODE_HEADER} is not valid")
         return self._by_signature(req)
 
-    def _by_index(self, method: str, presented: str, accepted: tuple[str, ...], setting: str,
-                  code: str, message: str) -> Identity:
-        if not accepted:
-            raise AuthRejected("auth_method_disabled", f"{method} authentication is not enabled here ({setting} "
-                               f"is unset): {self._accepted()}")
+    @staticmethod
+    def _by_index(method: str, presented: str, accepted: tuple[str, ...], code: str, message: str) -> Identity:
         index = matching_index(presented, accepted)
         if index is None:
             raise AuthRejected(code, message)
         return Identity(method, f"{method}:{index + 1}")
 
     def _by_signature(self, req: Request) -> Identity:
-        if self.access_keys is None and self.app_keys is None:
-            raise AuthRejected("auth_method_disabled", "signed requests are not enabled here (RIVULET_ACCESS_KEYS "
-                               f"and RIVULET_APP_KEYS are unset): {self._accepted()}")
         auth = signing.parse_authorization(req.headers["Authorization"])
         identity, secret = self._secret(auth.access)
         try:

@@ -238,3 +238,13 @@ def test_the_metric_counts_methods_and_outcomes_never_key_ids(every_method_app):
                    '{method="none",outcome="missing_credentials"} 1.0'):
         assert "rivulet_auth_requests_total" + series in metrics
     assert AK not in metrics and "AK-NOBODY-KNOWS" not in metrics
+
+
+def test_a_credential_of_an_unconfigured_method_is_passed_over_for_a_configured_one(make_settings):
+    app = create_app(make_settings(app_codes=(APP_CODE,)))
+    client = app.test_client()
+    both = {"Authorization": "Bearer placeholder-of-an-sdk", "X-Apig-AppCode": APP_CODE}
+    assert client.post("/v1/chat/completions", data=INVALID_CHAT, headers=both).status_code == 400
+    only_token = {"Authorization": "Bearer placeholder-of-an-sdk"}
+    assert error_code(client.post("/v1/chat/completions", data=INVALID_CHAT, headers=only_token)) \
+        == "auth_method_disabled"
