@@ -235,3 +235,23 @@ def test_a_key_file_others_can_read_stops_start_up(tmp_path):
             pass
     assert f"RIVULET_ACCESS_KEYS ({keys}): the key file has mode 0644" in str(raised.value)
     assert SK not in str(raised.value)
+
+
+def test_a_key_added_to_the_file_works_without_a_restart(server):
+    access = server.log_path.parent / "access_keys"
+    new_ak, new_sk = "HPUAEXAMPLEAK0002", "sk-live-added-while-running"
+
+    def signed() -> Signed:
+        return vendor_sign(new_ak, new_sk, "GET", "/v1/models", host=host_of(server))
+
+    assert refused(signed().send(server.url, timeout=10)) == "unknown_access_key"
+    replacement = access.with_name("access_keys.new")
+    replacement.write_text(access.read_text() + f"{new_ak}:{new_sk}\n")
+    os.chmod(replacement, 0o600)
+    os.replace(replacement, access)  # swapped whole, as a Kubernetes Secret update does
+    deadline = time.monotonic() + 10
+    while (response := signed().send(server.url, timeout=10)).status_code != 200:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.2)
+    assert response.json()["object"] == "list"
+    assert signed_sse(server).send(server.url, timeout=60).status_code == 200  # the first pair still works
