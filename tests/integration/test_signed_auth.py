@@ -96,6 +96,10 @@ def _header(name: str, change: Callable[[str], str]) -> Callable[[Signed], Signe
     return mutate
 
 
+def _body(change: Callable[[bytes], bytes]) -> Callable[[Signed], Signed]:
+    return lambda signed: Signed(signed.method, signed.target, signed.headers, change(signed.body))
+
+
 def _target(change: Callable[[str], str]) -> Callable[[Signed], Signed]:
     return lambda signed: Signed(signed.method, change(signed.target), signed.headers, signed.body)
 
@@ -106,8 +110,8 @@ def _next_second(date: str) -> str:
 
 # One byte changed anywhere: always refused, always as a mismatch of the signature.
 ONE_BYTE = {
-    "body: a byte of the prompt": lambda s: Signed(s.method, s.target, s.headers, _flip_byte(s.body, s.body.index(b"?"))),
-    "body: a byte of max_tokens": lambda s: Signed(s.method, s.target, s.headers, s.body.replace(b": 4", b": 5")),
+    "body: a byte inside 你": _body(lambda b: _flip_byte(b, b.index("你".encode()) + 1)),
+    "body: a byte of max_tokens": _body(lambda b: b.replace(b": 4", b": 5")),
     "header: X-Client": _header("X-Client", lambda v: v[:-1] + "Y"),
     "header: Content-Type": _header("Content-Type", lambda v: v.replace("json", "jsoN")),
     "date: one second later": _header("X-Sdk-Date", _next_second),
