@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -188,21 +188,17 @@ def wire_request(req: Request) -> signing.WireRequest:
         raw_path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     return signing.WireRequest(
         method=req.method,
-        raw_path=raw_path,
+        raw_path=raw_path,  # gunicorn refuses a request line that is not ASCII: these are percent-encoded
         raw_query=environ.get("QUERY_STRING", ""),
-        headers=_header_bytes(req.headers.items()),
+        headers={name.lower(): _wire_bytes(value) for name, value in req.headers.items()},
     )
 
 
-def _header_bytes(items) -> Mapping[str, bytes]:
-    headers: dict[str, bytes] = {}
-    for name, value in items:
-        try:
-            data = value.encode("latin-1")  # WSGI's text for the bytes that arrived
-        except UnicodeEncodeError:  # a test client handing over real text
-            data = value.encode("utf-8")
-        headers[name.lower()] = data
-    return headers
+def _wire_bytes(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")  # WSGI's text for the bytes that arrived
+    except UnicodeEncodeError:  # a test client handing over real text
+        return text.encode("utf-8")
 
 
 def init_app(app: Flask, settings: Settings, metrics: Metrics) -> None:

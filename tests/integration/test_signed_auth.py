@@ -259,3 +259,4 @@ def test_a_key_added_to_the_file_works_without_a_restart(server):
         time.sleep(0.2)
     assert response.json()["object"] == "list"
     assert signed_sse(server).send(server.url, timeout=60).status_code == 200  # the first pair still works
+
