@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.extensions["rivulet"] = runtime
 
     request_log.init_app(app, runtime.metrics)  # first: every later hook's answer gets a request id
-    auth.init_app(app, settings.api_keys)
+    auth.init_app(app, settings, runtime.metrics)
     errors.register(app)
     cors.init_app(app, settings.cors_origins)
 

@@ -3,8 +3,8 @@
 Unset, no CORS header is ever sent and browsers keep other origins out. Set, the listed origins (exact
 ``scheme://host[:port]`` strings; ``*`` for any) may call every route: preflights are answered for the
 headers our clients send, including ``Last-Event-ID`` (an ``EventSource`` reconnect carries it) and the
-API-key headers. Credentials (cookies) are not allowed: keys travel in headers, never in cookies.
-Preflights need no API key (service/auth.py lets OPTIONS through).
+headers of every authentication method. Credentials (cookies) are not allowed: keys travel in headers,
+never in cookies. Preflights need no credentials (service/auth.py lets OPTIONS through).
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from flask import Flask
 from flask_cors import CORS
 
-ALLOWED_HEADERS = ("Content-Type", "Authorization", "X-Auth-Token", "Last-Event-ID", "X-Request-Id")
+ALLOWED_HEADERS = ("Content-Type", "Authorization", "X-Auth-Token", "Last-Event-ID", "X-Request-Id",
+                   # signed requests and app authentication (service/auth.py)
+                   "X-Sdk-Date", "X-Sdk-Content-Sha256", "X-Apig-AppCode")
 # What a page's script may read from an answer: the new stream's URL, when to retry after a 429, the id
 # to quote in a bug report.
 EXPOSED_HEADERS = ("Location", "Retry-After", "X-Request-Id")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, request
 
 from models.errors import BodyTooLarge, InvalidRequest
 from service.lifecycle import Runtime
@@ -20,17 +20,24 @@ def json_body() -> Any:
     Bodies over RIVULET_MAX_BODY_BYTES get 413 and are never read past the limit: at once when
     Content-Length says so (nothing is read), as soon as one byte past the limit arrives when chunked.
     """
-    limit = runtime().settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"the request body is {request.content_length} bytes; the limit is {limit} "
-                           "(RIVULET_MAX_BODY_BYTES)")
-    data = _read_at_most(limit)
+    data = raw_body()
     if not data.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def raw_body() -> bytes:
+    """The body's exact bytes, read once per request (a signature check hashes what json_body parses)."""
+    if "rivulet_body" not in g:
+        limit = runtime().settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"the request body is {request.content_length} bytes; the limit is {limit} "
+                               "(RIVULET_MAX_BODY_BYTES)")
+        g.rivulet_body = _read_at_most(limit)
+    return g.rivulet_body
 
 
 def _read_at_most(limit: int) -> bytes:

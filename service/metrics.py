@@ -39,6 +39,11 @@ class Metrics:
                                              buckets=_ITL_BUCKETS, registry=r)
         self.generated_tokens = Counter("rivulet_generated_tokens_total", "Completion tokens generated.",
                                         registry=r)
+        # Labels stay bounded: the method (token, aksk, app_signature, app_code, signature, none) and "ok" or
+        # one of service/auth's fixed failure codes; key ids go to the request log, never into a label.
+        self.auth_requests = Counter("rivulet_auth_requests_total",
+                                     "Authentication decisions on non-public routes, by method and outcome.",
+                                     ["method", "outcome"], registry=r)
         self.open_streams = Gauge("rivulet_open_streams", "Event streams with a connected client.", registry=r)
 
     @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 The line is written when the response is closed: for a stream that is after its last event (or after
 the client hung up), so it can carry token counts, time to first token and the finish reason.
-Nothing from the request's headers is logged (API keys never reach the log).
+Nothing from the request's headers is logged (API keys never reach the log); which authentication method
+and which key id made the request is (service/auth.py chooses ids that are safe to log).
 """
 from __future__ import annotations
 
@@ -39,7 +40,15 @@ class RequestRecord:
     completion_tokens: int | None = None
     time_to_first_token_s: float | None = None
     finish_reason: str | None = None
+    # Who made the request (service/auth.py): the method, a key id that is safe to log, and "ok" or the
+    # code of the check that failed. None on public routes and when authentication is off.
+    auth_method: str | None = None
+    key_id: str | None = None
+    auth_outcome: str | None = None
     _closed: bool = False
+
+    def note_auth(self, method: str, key_id: str | None, outcome: str) -> None:
+        self.auth_method, self.key_id, self.auth_outcome = method, key_id, outcome
 
     def close(self, metrics: Metrics) -> None:
         if self._closed:
@@ -57,6 +66,9 @@ class RequestRecord:
             "time_to_first_token_s": _round(self.time_to_first_token_s),
             "duration_s": _round(time.monotonic() - self.started),
             "finish_reason": self.finish_reason,
+            "auth_method": self.auth_method,
+            "key_id": self.key_id,
+            "auth_outcome": self.auth_outcome,
         }, separators=(",", ":")))
 
 

@@ -42,6 +42,16 @@ class Settings(BaseModel):
     # --- who may call, and how much ---
     # Accepted tokens (X-Auth-Token: T or Authorization: Bearer T). Empty = no authentication.
     api_keys: tuple[str, ...] = ()
+    # --- signed requests and app authentication (service/auth.py, service/signing.py) ---
+    # A file of AK:SK lines ("#" comments): requests signed SDK-HMAC-SHA256 with those pairs.
+    access_keys: Path | None = None
+    # A file of AppKey:AppSecret lines: app-signed requests (the same algorithm, other keys).
+    app_keys: Path | None = None
+    # Codes accepted in X-Apig-AppCode (simple app authentication).
+    app_codes: tuple[str, ...] = ()
+    # How far X-Sdk-Date may be from the server's clock, either way: bounds how long a captured signed
+    # request can be replayed.
+    signature_max_skew_s: float = Field(900.0, gt=0)
     # Larger request bodies get 413 before they are read (Content-Length) or once they pass it (chunked).
     max_body_bytes: int = Field(12 * MiB, ge=1)
     # A request still running this long after it arrived ends with a timeout error event.
@@ -73,7 +83,7 @@ class Settings(BaseModel):
     # Enables test-only routes (e.g. forcing a stream's connection to drop). Never in production.
     test_hooks: bool = False
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "app_codes", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -89,7 +99,7 @@ class Settings(BaseModel):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys or self.access_keys or self.app_keys or self.app_codes)
 
     @classmethod
     def env_name(cls, field: str) -> str:

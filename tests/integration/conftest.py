@@ -1,8 +1,9 @@
 """One live server for the browser-facing tests (resumable streams, the demo page, Postman), shared by
-the session: auth on (as users run it in front of browsers), CORS for one origin, the test hooks on,
-and a short retention so expiry can be watched."""
+the session: auth on (as users run it in front of browsers: an API key, and one AK/SK pair), CORS for one
+origin, the test hooks on, and a short retention so expiry can be watched."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tests.live_server import LiveServer, live_server
 
 API_KEY = "test-key-0123"
+ACCESS_KEY, SECRET_KEY = "TESTAK0123", "test-sk-0123456789"
 ALLOWED_ORIGIN = "http://allowed.example"
 STREAM_RETENTION_S = 5
 STREAMS_SERVER_ENV = {
@@ -24,5 +26,10 @@ STREAMS_SERVER_ENV = {
 
 @pytest.fixture(scope="session")
 def streams_server(tmp_path_factory) -> Iterator[LiveServer]:
-    with live_server(STREAMS_SERVER_ENV, log_dir=tmp_path_factory.mktemp("streams-server")) as server:
+    folder = tmp_path_factory.mktemp("streams-server")
+    access_keys = folder / "access_keys"
+    access_keys.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+    os.chmod(access_keys, 0o600)
+    env = {**STREAMS_SERVER_ENV, "RIVULET_ACCESS_KEYS": str(access_keys)}
+    with live_server(env, log_dir=folder) as server:
         yield server

@@ -13,7 +13,7 @@ import pytest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from tests.conftest import missing_tool
-from tests.integration.conftest import API_KEY
+from tests.integration.conftest import ACCESS_KEY, API_KEY, SECRET_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 COLLECTION = ROOT / "postman" / "rivulet.postman_collection.json"
@@ -64,10 +64,12 @@ def test_auth_is_the_collection_variable_sent_as_x_auth_token(collection):
     variables = {v["key"]: v["value"] for v in collection["variable"]}
     assert variables["apiKey"] == "" and variables["baseUrl"].startswith("http")
     environment = {v["key"]: v for v in json.loads(ENVIRONMENT.read_text())["values"]}
-    assert set(environment) == {"baseUrl", "apiKey"}
-    assert environment["apiKey"]["value"] == "" and environment["apiKey"]["type"] == "secret"
+    assert set(environment) == {"baseUrl", "apiKey", "accessKey", "secretKey"}
+    for credential in ("apiKey", "accessKey", "secretKey"):
+        assert environment[credential]["value"] == "" and environment[credential]["type"] == "secret"
     # No request carries a key of its own, in a header or in a saved example.
-    assert API_KEY not in COLLECTION.read_text()
+    for secret in (API_KEY, ACCESS_KEY, SECRET_KEY):
+        assert secret not in COLLECTION.read_text()
     for item in requests_of(collection["item"]):
         assert all(h["key"].lower() not in ("x-auth-token", "authorization") for h in item["request"]["header"])
 
@@ -96,12 +98,27 @@ def newman() -> Path:
     return NEWMAN
 
 
+def test_the_pre_request_script_signs_with_the_environments_ak_sk(collection):
+    (event,) = collection["event"]
+    assert event["listen"] == "prerequest"
+    script = "\n".join(event["script"]["exec"])
+    for needed in ('pm.variables.get("accessKey")', 'pm.variables.get("secretKey")', "SDK-HMAC-SHA256",
+                   "X-Sdk-Date", "CryptoJS.HmacSHA256", '"noauth"'):
+        assert needed in script
+
+
+# Each credential alone: the API key through the collection's auth, or AK/SK through the pre-request script.
+CREDENTIALS = {"api-key": {"apiKey": API_KEY}, "ak-sk": {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}}
+
+
 @pytest.mark.newman
-def test_newman_passes_against_the_live_server(newman, streams_server, tmp_path):
+@pytest.mark.parametrize("credentials", CREDENTIALS.values(), ids=CREDENTIALS.keys())
+def test_newman_passes_against_the_live_server(newman, streams_server, tmp_path, credentials):
     report = tmp_path / "newman.json"
+    env_vars = [arg for name, value in credentials.items() for arg in ("--env-var", f"{name}={value}")]
     result = subprocess.run(
         [str(newman), "run", str(COLLECTION), "--environment", str(ENVIRONMENT),
-         "--env-var", f"baseUrl={streams_server.url}", "--env-var", f"apiKey={API_KEY}",
+         "--env-var", f"baseUrl={streams_server.url}", *env_vars,
          "--reporters", "cli,json", "--reporter-json-export", str(report), "--color", "off",
          "--timeout-request", "60000"],
         capture_output=True, text=True, timeout=300,

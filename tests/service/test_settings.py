@@ -61,3 +61,14 @@ def test_settings_are_frozen():
     s = Settings.from_env({})
     with pytest.raises(ValidationError):
         s.max_batch = 3
+
+
+def test_authentication_settings_keep_their_names():
+    s = Settings.from_env({"RIVULET_ACCESS_KEYS": "/run/secrets/aksk", "RIVULET_APP_KEYS": "/run/secrets/apps",
+                           "RIVULET_APP_CODES": "code-1, code-2", "RIVULET_SIGNATURE_MAX_SKEW_S": "60"})
+    assert (s.access_keys, s.app_keys) == (Path("/run/secrets/aksk"), Path("/run/secrets/apps"))
+    assert s.app_codes == ("code-1", "code-2") and s.signature_max_skew_s == 60 and s.auth_enabled
+    defaults = Settings.from_env({})
+    assert (defaults.access_keys, defaults.app_keys, defaults.app_codes) == (None, None, ())
+    assert defaults.signature_max_skew_s == 900
+    assert Settings.from_env({"RIVULET_APP_CODES": "c"}).auth_enabled
