@@ -71,7 +71,8 @@ def test_every_file_in_the_directory_is_applied_or_known_not_to_be_a_manifest():
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_and_the_gpu_variant_match_the_kubernetes_schemas(version):
     docs = manifests() + [gpu_deployment()]
-    assert {d["kind"] for d in docs} == {"Secret", "Deployment", "Service", "Ingress", "HorizontalPodAutoscaler"}
+    assert {d["kind"] for d in docs} == {"Secret", "Deployment", "Service", "Ingress", "PodDisruptionBudget",
+                                           "HorizontalPodAutoscaler"}
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -95,6 +96,8 @@ def test_services_select_their_deployments_pods_on_a_port_they_declare():
         assert service["spec"]["selector"].items() <= pod_labels.items()
         port_names = {p["name"] for p in container(deployment)["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    budget = find("PodDisruptionBudget", "rivulet", docs)["spec"]["selector"]["matchLabels"]
+    assert budget.items() <= find("Deployment", "rivulet", docs)["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_the_container_port_is_gunicorns(gunicorn_conf):

@@ -118,3 +118,13 @@ def test_two_workers_one_port_one_metrics_endpoint_and_stable_device_slots(tmp_p
                                        m["rivulet_requests_waiting"]))(scrape(server)) == (0, 0, 0),
                    what="every gauge back to 0")
         wait_until(lambda: server.log().count("engine ready") == 3, what="the replacement ready")
+
+
+def test_without_a_named_directory_the_master_makes_one_and_removes_it_at_exit(tmp_path):
+    env = {"RIVULET_MODEL": str(PACKAGE), "PROMETHEUS_MULTIPROC_DIR": ""}
+    with live_server(env, log_dir=tmp_path) as server:
+        assert stream_once(server)[-1] == DONE
+        directory = Path(re.search(r"metrics of all workers are merged in (\S+)", server.log()).group(1))
+        assert directory.is_dir() and list(directory.glob("counter_*.db"))
+        wait_until(lambda: scrape(server).get(f"rivulet_requests_total|{SSE}|200") == 1, what="the request counted")
+    assert not directory.exists()
