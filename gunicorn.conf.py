@@ -4,7 +4,8 @@ Any setting can be overridden on the command line (``-b 127.0.0.1:9000``) or thr
 ``GUNICORN_CMD_ARGS`` (``GUNICORN_CMD_ARGS="--graceful-timeout 5"``), which both take precedence over
 this file. Rivulet's own settings are ``RIVULET_*`` environment variables (service/settings.py).
 
-The hooks import Rivulet lazily: the master never imports the app, torch or gevent's patched world.
+The hooks import Rivulet lazily: the master never imports the app, torch or gevent's patched world
+(service.devices, imported below for the worker count, is light on purpose).
 """
 import os
 

@@ -106,7 +106,10 @@ def worker_device(settings_device: str, slot: int | None = None,
 
         cuda_count = torch.cuda.device_count
     count = cuda_count()
-    if count == 0:
-        return "cpu" if settings_device == "auto" else "cuda"  # plain "cuda" fails clearly where it loads
     slot = worker_slot() if slot is None else slot
+    if count == 0:
+        if slot > 0:  # the master saw GPUs that torch does not (e.g. a CPU-only torch build)
+            log.warning("worker slot %s: torch sees no CUDA device; each worker runs on the CPU with its "
+                        "own model copy (set RIVULET_DEVICE=cpu for one worker)", slot)
+        return "cpu" if settings_device == "auto" else "cuda"  # plain "cuda" fails clearly where it loads
     return f"cuda:{slot % count}"
