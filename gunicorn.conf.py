@@ -4,8 +4,12 @@ Any setting can be overridden on the command line (``-b 127.0.0.1:9000``) or thr
 ``GUNICORN_CMD_ARGS`` (``GUNICORN_CMD_ARGS="--graceful-timeout 5"``), which both take precedence over
 this file. Rivulet's own settings are ``RIVULET_*`` environment variables (service/settings.py).
 
-The hooks import Rivulet lazily: the master never imports the app, torch or gevent's patched world.
+The hooks import Rivulet lazily: the master never imports the app, torch or gevent's patched world
+(service.devices, imported below for the worker count, is light on purpose).
 """
+import os
+
+from service.devices import worker_count
 
 # --- socket -------------------------------------------------------------------------------------
 # All interfaces, port 8080 (the port ModelArts and the Dockerfile expect); -b overrides it.
@@ -15,8 +19,10 @@ backlog = 2048
 
 # --- workers ------------------------------------------------------------------------------------
 # One worker per GPU (one on a CPU): each worker loads its own copy of the model and runs its own
-# engine thread, so more workers than devices only multiplies memory.
-workers = 1
+# engine thread, so more workers than devices only multiplies memory. RIVULET_DEVICE=cuda (or auto on a
+# machine with GPUs) starts one worker per visible GPU, worker i on cuda:i (the pre_fork/post_fork hooks
+# below); cpu, mps and cuda:N start one. GPUs are counted without CUDA (service/devices.py).
+workers = worker_count(os.environ.get("RIVULET_DEVICE", "auto"))
 # gevent: one greenlet per connection, so thousands of open event streams cost ~20 KB each, not a thread.
 worker_class = "gevent"
 # Open connections per worker. Streams are long-lived; the engine's own bound is RIVULET_MAX_WAITING.
@@ -48,7 +54,15 @@ accesslog = None
 # --- hooks --------------------------------------------------------------------------------------
 def on_starting(server):
     """In the master, before forking: lift the open-files limit so worker_connections streams fit in
-    every worker (containers often start at 1024). Workers inherit it."""
+    every worker (containers often start at 1024). Workers inherit it. Also prepare Prometheus'
+    multiprocess directory, so /metrics through one port reports every worker (service/metrics.py)."""
+    from service import metrics_dir
+
+    # First: prometheus_client reads the variable when it is first imported, in the workers.
+    path, created = metrics_dir.prepare()
+    server.rivulet_metrics_dir = path if created else None
+    server.log.info("metrics of all workers are merged in %s", path)
+
     from service.limits import SPARE_FILES, raise_open_files_limit
 
     before, now = raise_open_files_limit(server.cfg.worker_connections)
@@ -57,6 +71,24 @@ def on_starting(server):
     if now < server.cfg.worker_connections + SPARE_FILES:
         server.log.warning("open files are limited to %s: fewer than %s streams fit; raise the hard limit "
                            "(ulimit -Hn, docker run --ulimit nofile=...)", now, server.cfg.worker_connections)
+
+
+def pre_fork(server, worker):
+    """In the master, before each fork: give the new worker a device slot, the lowest one no live worker
+    holds, so a replaced worker serves its predecessor's GPU."""
+    from service.devices import SLOT_ATTR, assign_slot
+
+    setattr(worker, SLOT_ATTR, assign_slot(server.WORKERS.values(), server.num_workers))
+
+
+def post_fork(server, worker):
+    """In the forked worker, before the app loads: export its slot; the app turns it into its device
+    (service.devices.worker_device: RIVULET_DEVICE=cuda -> cuda:<slot>)."""
+    from service.devices import SLOT_ATTR, SLOT_ENV
+
+    slot = getattr(worker, SLOT_ATTR)
+    os.environ[SLOT_ENV] = str(slot)
+    server.log.info("worker %s has device slot %s", worker.pid, slot)
 
 
 def post_worker_init(worker):
@@ -68,9 +100,31 @@ def post_worker_init(worker):
     on_worker_start(worker)
     worker.log.info("Rivulet worker %s started; the model loads in the background", worker.pid)
 
+    from service.metrics import keep_engine_gauges_fresh
+
+    # Multiprocess metrics: the queue gauges of this worker must reach scrapes answered by the others.
+    keep_engine_gauges_fresh(worker.wsgi.extensions["rivulet"].metrics)
+
 
 def worker_exit(server, worker):
     """The worker is exiting: stop the engine thread so a model package's finalize() runs."""
     from service.lifecycle import on_worker_exit
 
     on_worker_exit(worker)
+
+
+def child_exit(server, worker):
+    """In the master, a worker has exited (stopped or crashed): its live gauges (running, waiting, open
+    streams) stop counting in /metrics; its counters stay in the totals."""
+    from service import metrics_dir
+
+    metrics_dir.mark_worker_dead(worker.pid)
+
+
+def on_exit(server):
+    """The master is exiting: remove the metrics directory it created (not one PROMETHEUS_MULTIPROC_DIR
+    named: that one is emptied at the next start)."""
+    from service import metrics_dir
+
+    if server.rivulet_metrics_dir is not None:
+        metrics_dir.remove(server.rivulet_metrics_dir)

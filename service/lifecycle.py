@@ -22,6 +22,7 @@ import gevent.monkey
 
 from models.serving import Backend, ModelSpec, ServedModel, open_model
 from service.channel import Bridge
+from service.devices import worker_device
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -49,7 +50,8 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, *, backend: Backend | None = None) -> Runtime:
-        spec = ModelSpec(settings.model, settings.device, settings.max_batch, settings.max_waiting,
+        # One worker per GPU: this worker's own device (RIVULET_DEVICE=cuda -> cuda:<its slot>).
+        spec = ModelSpec(settings.model, worker_device(settings.device), settings.max_batch, settings.max_waiting,
                          settings.max_context)
         model = open_model(spec, backend=backend)
         engine = model.engine

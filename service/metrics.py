@@ -1,32 +1,68 @@
-"""Prometheus metrics, one registry per app (so tests can build several apps in one process).
+"""Prometheus metrics: one registry per app in one process, or every worker's through one port.
 
-Names are DESIGN.md's. ``rivulet_requests_running`` / ``_waiting`` are read from the engine at scrape
-time; the rest are counted by the request pipeline (service/jobs.py) and the request log.
+Names are DESIGN.md's. ``rivulet_requests_running`` / ``_waiting`` are read from the engine; the rest are
+counted by the request pipeline (service/jobs.py) and the request log.
+
+Two modes, chosen by prometheus_client itself when it is imported (``PROMETHEUS_MULTIPROC_DIR``):
+
+- single process (the variable unset: tests, an embedded app): each ``Metrics`` has its own registry, so
+  a test can build several apps in one process; the engine gauges are read at scrape time.
+- multiprocess (gunicorn.conf.py's master sets the variable up before it forks, see
+  service/metrics_dir.py): every worker writes its values to files in that directory and ``/metrics``,
+  whichever worker answers it, merges all of them, so one port reports every worker. Counters and
+  histograms are summed, including those of workers that have died (totals never go back). Gauges are
+  ``livesum``: the sum over the live workers only (gunicorn.conf.py's ``child_exit`` drops a dead
+  worker's), which is what "requests running/waiting/open streams on this replica" means.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service.metrics_dir import MULTIPROC_DIR_ENV
+
+log = logging.getLogger("rivulet.service")
+
+# How often a worker in multiprocess mode writes its engine gauges (running, waiting) to its file: the
+# worker answering a scrape writes its own first, the others' are at most this old.
+ENGINE_GAUGES_REFRESH_S = 1.0
 
 # Latency buckets from a fast GPU step (~5 ms) to a long CPU prefill or a deep queue.
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
+def multiprocess_mode() -> bool:
+    """True when prometheus_client keeps values in PROMETHEUS_MULTIPROC_DIR (decided at its import)."""
+    return bool(os.environ.get(MULTIPROC_DIR_ENV))
+
+
 class Metrics:
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
         # The *_created series double the output and no dashboard here reads them (process-wide switch).
         disable_created_metrics()
+        self.multiprocess = multiprocess_mode()
+        self._read_running = running
+        self._read_waiting = waiting
         self.registry = CollectorRegistry()
         r = self.registry
-        self.running = Gauge("rivulet_requests_running", "Requests in the engine's running batch.", registry=r)
-        self.running.set_function(running)
-        self.waiting = Gauge("rivulet_requests_waiting", "Requests queued for the engine.", registry=r)
-        self.waiting.set_function(waiting)
+        self.running = Gauge("rivulet_requests_running", "Requests in the engine's running batch.", registry=r,
+                             multiprocess_mode="livesum")
+        self.waiting = Gauge("rivulet_requests_waiting", "Requests queued for the engine.", registry=r,
+                             multiprocess_mode="livesum")
+        if not self.multiprocess:
+            # A callback gauge cannot cross processes (the merge reads files, not this process's
+            # callables): in multiprocess mode refresh_engine_gauges() writes the values instead.
+            self.running.set_function(running)
+            self.waiting.set_function(waiting)
         self.requests = Counter("rivulet_requests_total", "Finished HTTP requests.", ["route", "status"],
                                 registry=r)
         self.cancelled = Counter("rivulet_requests_cancelled_total",
@@ -44,7 +80,8 @@ class Metrics:
         self.auth_requests = Counter("rivulet_auth_requests_total",
                                      "Authentication decisions on non-public routes, by method and outcome.",
                                      ["method", "outcome"], registry=r)
-        self.open_streams = Gauge("rivulet_open_streams", "Event streams with a connected client.", registry=r)
+        self.open_streams = Gauge("rivulet_open_streams", "Event streams with a connected client.", registry=r,
+                                  multiprocess_mode="livesum")
 
     @contextlib.contextmanager
     def open_stream(self) -> Iterator[None]:
@@ -54,5 +91,32 @@ class Metrics:
         finally:
             self.open_streams.dec()
 
+    def refresh_engine_gauges(self) -> None:
+        """Multiprocess mode: write this worker's running/waiting counts to its file."""
+        if self.multiprocess:
+            self.running.set(self._read_running())
+            self.waiting.set(self._read_waiting())
+
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh_engine_gauges()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+def keep_engine_gauges_fresh(metrics: Metrics, interval_s: float = ENGINE_GAUGES_REFRESH_S) -> Any:
+    """In a gunicorn worker: a greenlet that refreshes the engine gauges every ``interval_s``, so a
+    scrape answered by another worker sees this one's queue (the autoscaler reads it). None in
+    single-process mode, where the gauges are read at scrape time."""
+    if not metrics.multiprocess:
+        return None
+    import gevent
+
+    def refresh_forever() -> None:
+        while True:
+            metrics.refresh_engine_gauges()
+            gevent.sleep(interval_s)
+
+    return gevent.spawn(refresh_forever)

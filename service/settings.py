@@ -30,7 +30,8 @@ class Settings(BaseModel):
     # --- the model and where it runs ---
     # An HF-layout Llama checkpoint directory, or a model package (app.py + input_schema.py).
     model: Path = DEMO_MODEL_DIR
-    # auto = the first CUDA device when there is one, else the CPU.
+    # cuda = every visible GPU, one gunicorn worker each, worker i on cuda:i (service/devices.py);
+    # auto = the same when there is a GPU, else the CPU; cpu, mps, cuda:N = that one device.
     device: str = "auto"
     # Sequences decoded together in one step (also the number of KV-cache rows allocated; fewer when
     # they do not fit in the memory left after the weights, see models/memory.py).
