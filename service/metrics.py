@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per app in one process, or every worker's through one port.
 
-Names are DESIGN.md's. ``rivulet_requests_running`` / ``_waiting`` are read from the engine; the rest are
-counted by the request pipeline (service/jobs.py) and the request log.
+Names are a contract (ARCHITECTURE.md): dashboards and the autoscaler read them.
+``rivulet_requests_running`` / ``_waiting`` are read from the engine; the rest are counted by the request
+pipeline (service/jobs.py) and the request log.
 
 Two modes, chosen by prometheus_client itself when it is imported (``PROMETHEUS_MULTIPROC_DIR``):
 
