@@ -5,14 +5,21 @@ stops working, this fails: the README is what a new user copies.
 """
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.live_server import live_server
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 DEFAULT_URL = "http://localhost:8080"
 
 
@@ -55,3 +62,87 @@ def test_the_python_examples_work(demo_server, block):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the example printed no streamed text"
+
+
+def test_the_model_package_example_works(tmp_path):
+    (script,) = [b for b in code_blocks(README.read_text(encoding="utf-8"), "bash")
+                 if b.startswith("RIVULET_MODEL=models/packages/")]
+    start, *client = script.strip().splitlines()
+    env = dict(re.findall(r"(RIVULET_\w+)=(\S+)", start))
+    assert start.endswith(".venv/bin/gunicorn -c gunicorn.conf.py wsgi:app")  # what live_server runs
+    with live_server(env, log_dir=tmp_path) as srv:
+        commands = "\n".join(client).replace(DEFAULT_URL, srv.url)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '"word":"streams"' in result.stdout and "data: [DONE]" in result.stdout
+
+
+# --- every block, as a newcomer copies it -----------------------------------------------------------
+
+# Blocks run by the tests above, by their first line.
+RUN_HERE = ("# ModelArts-style SSE", "from openai import OpenAI", "import json, requests",
+            "RIVULET_MODEL=models/packages/words")
+# The others, by their first line, and why a test cannot run them as written (and what covers them).
+NOT_RUN_HERE = {
+    "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt &&":
+        "the set-up itself: .ci/run installs the same requirements, live_server runs the same gunicorn command",
+    "bash .ci/run": "the test command itself",
+    ".venv/bin/pip install -r requirements-clients.txt":
+        "requirements-test.txt includes it; test_the_python_examples_need_only_what_the_readme_installs",
+    "# CPU only": "downloads torch from PyTorch's index",
+    "RIVULET_MODEL=/srv/models/": "needs a real checkpoint on disk",
+    "retry: 3000": "an example of output, not a command",
+    "const r = await fetch(": "JavaScript for a page: the demo page (test_browser.py) makes the same calls",
+    "npx newman run": "test_postman.py runs the same collection with newman",
+    "docker build -t rivulet .":
+        "needs a Docker engine: test_dockerfile.py lints the Dockerfile, test_runtime_install.py runs its "
+        "install step",
+}
+
+
+def all_code_blocks() -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE)
+
+
+def test_every_readme_block_is_run_here_or_says_why_not():
+    unaccounted = []
+    for block in all_code_blocks():
+        first = block.strip().splitlines()[0]
+        if not any(first.startswith(p) for p in (*RUN_HERE, *NOT_RUN_HERE)):
+            unaccounted.append(first)
+    assert unaccounted == [], "a new README block: run it in a test, or say in NOT_RUN_HERE why not"
+
+
+def requirement_names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(canonicalize_name(Requirement(line).name))
+    return names
+
+
+def test_the_python_examples_need_only_what_the_readme_installs():
+    readme = README.read_text(encoding="utf-8")
+    installs = re.findall(r"\.venv/bin/pip install -r (\S+\.txt)", readme)
+    assert "requirements-clients.txt" in installs
+    installed = set().union(*(requirement_names(ROOT / f) for f in installs))
+    distributions = importlib.metadata.packages_distributions()
+    for block in code_blocks(readme, "python"):
+        for node in ast.walk(ast.parse(block)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for module in (n.split(".")[0] for n in names):
+                if module in sys.stdlib_module_names:
+                    continue
+                needed = {canonicalize_name(d) for d in distributions.get(module, [module])}
+                assert needed & installed, f"the README's Python example imports {module}, which no " \
+                                           f"pip install -r in the README installs"
+
+
+def test_the_server_starts_without_torchs_numpy_warning(demo_server):
+    # torch warns "Failed to initialize NumPy" at every start when numpy is missing: requirements.txt has it.
+    assert "Failed to initialize NumPy" not in demo_server.log()
