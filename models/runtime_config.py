@@ -203,9 +203,10 @@ def cuda_warnings(asked: str) -> list[str]:
     return []
 
 
-def runtime_problems(directory: str | Path
+def runtime_problems(directory: str | Path, *, check_cuda: bool = True
                      ) -> tuple[RuntimeConfig | None, list[str], list[tuple[str, str]]]:
-    """(config, warnings, unmet python requirements) of the package in ``directory``."""
+    """(config, warnings, unmet python requirements) of the package in ``directory``. ``check_cuda``
+    False: where no GPU is expected (an image build), so cuda_version is not compared."""
     config = read_runtime_config(directory)
     if config is None:
         return None, [], []
@@ -224,7 +225,7 @@ def runtime_problems(directory: str | Path
     elif missing:
         warnings.append(f"system packages not installed: {', '.join(missing)} "
                         f"(apt-get install {' '.join(missing)}); the package may fail where it needs them")
-    if build.cuda_version is not None:
+    if build.cuda_version is not None and check_cuda:
         warnings += cuda_warnings(build.cuda_version)
     return config, warnings, unmet
 

@@ -53,9 +53,10 @@ def check_image_path(package: str) -> None:
                          f"{IMAGE_MODELS_DIR}/")
 
 
-def verify(directory: Path) -> None:
-    """The start-up check, now: warnings to stderr, unmet requirements end the build."""
-    _, warnings, unmet = runtime_problems(directory)
+def verify(directory: Path, *, image: bool) -> None:
+    """The start-up check, now: warnings to stderr, unmet requirements end the build. An image build has
+    no GPU to compare cuda_version with: that waits for start-up."""
+    _, warnings, unmet = runtime_problems(directory, check_cuda=not image)
     for warning in warnings:
         print(f"warning: {directory / RUNTIME_CONFIG_FILE}: {warning}", file=sys.stderr)
     if unmet:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{directory} has no {RUNTIME_CONFIG_FILE}: nothing to install")
             return
         if args.check:
-            verify(directory)
+            verify(directory, image=args.image)
             return
         for step in install_steps(config.build, args.constraint):
             print(f"+ {shlex.join(step)}", flush=True)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 if result.returncode != 0:
                     raise SystemExit(f"{shlex.join(step)} failed with exit status {result.returncode}")
         if not args.dry_run:
-            verify(directory)
+            verify(directory, image=args.image)
     except CheckpointError as exc:
         raise SystemExit(exc.message) from None
 

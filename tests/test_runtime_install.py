@@ -20,6 +20,7 @@ import dockerfile
 import pytest
 
 from models.runtime_config import RUNTIME_CONFIG_FILE
+from models.runtime_install import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 LIFE = ROOT / "models" / "packages" / "life"
@@ -128,6 +129,14 @@ def test_a_dry_run_prints_apt_pip_and_run_steps_and_runs_nothing(venv, tmp_path)
     assert steps[-2].endswith("-m pip install rivulet-no-such-python-package")
     assert steps[-1] == "sh -c 'touch should-not-exist'"
     assert not (tmp_path / "should-not-exist").exists()
+
+
+def test_an_image_build_leaves_the_cuda_check_to_start_up(tmp_path, capsys):
+    package = package_with(tmp_path, 'build:\n  cuda_version: "99.0"\n')
+    verify(package, image=False)
+    assert "cuda_version 99.0 is asked" in capsys.readouterr().err
+    verify(package, image=True)
+    assert "cuda_version" not in capsys.readouterr().err  # no GPU while an image builds
 
 
 @pytest.mark.parametrize("package", ["/srv/pkg", "packages/x", "models/../x"])
