@@ -36,10 +36,11 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
 
 # A model package's own runtime, from its inferless-runtime-config.yaml: apt packages, pip packages (held
-# to requirements.txt's pins), run commands. Its own cached layer, keyed on that file alone: editing the
-# package's code does not reinstall them. MODEL_PACKAGE: the package's path under models/ (empty: none).
+# to requirements.txt's pins), run commands. Its own cached layer, keyed on that file and the installer's
+# few modules (tests/test_runtime_install.py keeps their list whole): editing the package's code does not
+# reinstall them. MODEL_PACKAGE: the package's path under models/ (empty: none).
 ARG MODEL_PACKAGE=
-COPY models/__init__.py models/errors.py models/runtime_config.py models/runtime_install.py models/
+COPY models/__init__.py models/api.py models/errors.py models/runtime_config.py models/runtime_install.py models/
 # The [l] makes the file optional: a package without one (or no package) copies nothing.
 COPY ${MODEL_PACKAGE}/inferless-runtime-config.yam[l] ./${MODEL_PACKAGE}/
 RUN PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" \

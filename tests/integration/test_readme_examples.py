@@ -80,17 +80,23 @@ def test_the_model_package_example_works(tmp_path):
 
 # --- every block, as a newcomer copies it -----------------------------------------------------------
 
-# Blocks run by the tests above, by their first line.
-RUN_HERE = ("# ModelArts-style SSE", "from openai import OpenAI", "import json, requests",
-            "RIVULET_MODEL=models/packages/words")
-# The others, by their first line, and why a test cannot run them as written (and what covers them).
+
+def run_here() -> list[str]:
+    """The blocks the tests above run."""
+    readme = README.read_text(encoding="utf-8")
+    return [*code_blocks(readme_section("curl"), "bash"),
+            *code_blocks(readme_section("Python (the official `openai` SDK, unchanged)"), "python"),
+            *(b for b in code_blocks(readme, "bash") if b.startswith("RIVULET_MODEL=models/packages/"))]
+
+
+# The other blocks, each by a line it holds, and why a test cannot run it as written (and what covers it).
 NOT_RUN_HERE = {
     "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt &&":
         "the set-up itself: .ci/run installs the same requirements, live_server runs the same gunicorn command",
     "bash .ci/run": "the test command itself",
     ".venv/bin/pip install -r requirements-clients.txt":
         "requirements-test.txt includes it; test_the_python_examples_need_only_what_the_readme_installs",
-    "# CPU only": "downloads torch from PyTorch's index",
+    "pip install --index-url https://download.pytorch.org/whl/cpu torch": "downloads torch from PyTorch's index",
     "RIVULET_MODEL=/srv/models/": "needs a real checkpoint on disk",
     "retry: 3000": "an example of output, not a command",
     "const r = await fetch(": "JavaScript for a page: the demo page (test_browser.py) makes the same calls",
@@ -106,11 +112,10 @@ def all_code_blocks() -> list[str]:
 
 
 def test_every_readme_block_is_run_here_or_says_why_not():
-    unaccounted = []
-    for block in all_code_blocks():
-        first = block.strip().splitlines()[0]
-        if not any(first.startswith(p) for p in (*RUN_HERE, *NOT_RUN_HERE)):
-            unaccounted.append(first)
+    ran = run_here()
+    assert len(ran) == 4  # the curl block, two Python examples, the package example
+    unaccounted = [block.strip().splitlines()[0] for block in all_code_blocks()
+                   if block not in ran and not any(line in block for line in NOT_RUN_HERE)]
     assert unaccounted == [], "a new README block: run it in a test, or say in NOT_RUN_HERE why not"
 
 
@@ -125,11 +130,23 @@ def requirement_names(path: Path) -> set[str]:
     return names
 
 
+def readme_installs(readme: str) -> set[str]:
+    """What the README's ``pip install`` commands install: files after -r, and names given directly."""
+    names: set[str] = set()
+    for command in re.findall(r"pip install ([^`\n]+)", readme):
+        words = command.split("&&")[0].split()
+        for before, word in zip(["", *words], words):
+            if before == "-r":
+                names |= requirement_names(ROOT / word)
+            elif not word.startswith("-") and not before.startswith("-"):  # not an option or its value
+                names.add(canonicalize_name(Requirement(word).name))
+    return names
+
+
 def test_the_python_examples_need_only_what_the_readme_installs():
     readme = README.read_text(encoding="utf-8")
-    installs = re.findall(r"\.venv/bin/pip install -r (\S+\.txt)", readme)
-    assert "requirements-clients.txt" in installs
-    installed = set().union(*(requirement_names(ROOT / f) for f in installs))
+    installed = readme_installs(readme)
+    assert "openai" in installed and "requests" in installed  # requirements-clients.txt
     distributions = importlib.metadata.packages_distributions()
     for block in code_blocks(readme, "python"):
         for node in ast.walk(ast.parse(block)):
@@ -140,7 +157,7 @@ def test_the_python_examples_need_only_what_the_readme_installs():
                     continue
                 needed = {canonicalize_name(d) for d in distributions.get(module, [module])}
                 assert needed & installed, f"the README's Python example imports {module}, which no " \
-                                           f"pip install -r in the README installs"
+                                           f"pip install in the README installs"
 
 
 def test_the_server_starts_without_torchs_numpy_warning(demo_server):
