@@ -9,6 +9,8 @@
 #         base serves both variants)
 #   Own model: mount it and point RIVULET_MODEL at it, e.g.
 #         docker run -v /srv/llama:/models/llama:ro -e RIVULET_MODEL=/models/llama ... rivulet
+#   Model package with its runtime (inferless-runtime-config.yaml): put it under models/ and name it, e.g.
+#         docker build -t rivulet:life --build-arg MODEL_PACKAGE=models/packages/life .
 # Every setting is an environment variable (RIVULET_*, see README); nothing is baked in but the defaults.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -33,9 +35,23 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
 
+# A model package's own runtime, from its inferless-runtime-config.yaml: apt packages, pip packages (held
+# to requirements.txt's pins), run commands. Its own cached layer, keyed on that file and the installer's
+# few modules (tests/test_runtime_install.py keeps their list whole): editing the package's code does not
+# reinstall them. MODEL_PACKAGE: the package's path under models/ (empty: none).
+ARG MODEL_PACKAGE=
+COPY models/__init__.py models/api.py models/errors.py models/runtime_config.py models/runtime_install.py models/
+# The [l] makes the file optional: a package without one (or no package) copies nothing.
+COPY ${MODEL_PACKAGE}/inferless-runtime-config.yam[l] ./${MODEL_PACKAGE}/
+RUN PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" \
+    python -m models.runtime_install --image --constraint requirements.txt "${MODEL_PACKAGE}"
+
 COPY gunicorn.conf.py wsgi.py ./
 COPY service/ service/
 COPY models/ models/
+
+# The package, when one was built in, is what the image serves (RIVULET_MODEL still overrides it).
+ENV RIVULET_MODEL=${MODEL_PACKAGE:-models/demo}
 
 USER 10001:10001
 

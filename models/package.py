@@ -35,6 +35,7 @@ from models.errors import CheckpointError, ModelError
 from models.outputs import Ended, Output
 from models.package_output import OutputSchema, json_copy
 from models.package_schema import InputSchema
+from models.runtime_config import check_runtime
 from models.scheduler import FINISHED, Batch, Ticket
 
 log = logging.getLogger("rivulet.package")
@@ -172,6 +173,7 @@ class PackageBackend:
 
     def load(self) -> None:
         """Import app.py and run ``initialize()``: on the engine thread, where the device is used."""
+        check_runtime(self.directory)  # its inferless-runtime-config.yaml: refuse before any of its code runs
         module = _import_file(self.directory / APP_FILE)
         model_class = _model_class(module, self.is_streaming)
         self.model = model_class()

@@ -14,7 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service.metrics import Metrics
 
@@ -23,6 +24,8 @@ log = logging.getLogger("rivulet.request")
 REQUEST_ID_HEADER = "X-Request-Id"
 # A caller's own id is kept (to correlate logs across services) when it is short and harmless.
 _ACCEPTED_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+UNMATCHED = "unmatched"  # the route label of a path no route has (its metric label stays bounded)
+MAX_LOGGED_PATH = 200  # characters of an unmatched path kept in its log line
 
 
 def new_request_id() -> str:
@@ -34,6 +37,7 @@ class RequestRecord:
     request_id: str
     method: str
     route: str
+    path: str | None = None  # only for an unmatched route: the path that was asked for
     started: float = field(default_factory=time.monotonic)
     status: int = 0
     prompt_tokens: int | None = None
@@ -60,6 +64,7 @@ class RequestRecord:
             "request_id": self.request_id,
             "method": self.method,
             "route": self.route,
+            **({"path": self.path} if self.path is not None else {}),
             "status": self.status,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -76,6 +81,24 @@ def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 4)
 
 
+def route_of_request() -> tuple[str, str | None]:
+    """(route label, path to log): the rule, not the path, so that a label per URL cannot grow without
+    bound (and a resumable stream's id, its credential, stays out of the log). A 405 is a path that has
+    a route, for other methods: its route is named too. Only a path no route has is logged as asked."""
+    if request.url_rule is not None:
+        return request.url_rule.rule, None
+    if isinstance(request.routing_exception, MethodNotAllowed):
+        adapter = current_app.create_url_adapter(request)
+        methods = request.routing_exception.valid_methods or ()
+        for method in methods:
+            try:
+                rule, _ = adapter.match(method=method, return_rule=True)
+            except HTTPException:  # not this method's either (or a redirect): try the next
+                continue
+            return rule.rule, None
+    return UNMATCHED, request.path[:MAX_LOGGED_PATH]
+
+
 def current_record() -> RequestRecord:
     return g.rivulet_record
 
@@ -87,9 +110,8 @@ def init_app(app: Flask, metrics: Metrics) -> None:
     def _open_record() -> None:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
         request_id = offered if _ACCEPTED_ID.fullmatch(offered) else new_request_id()
-        # The rule, not the path: a label per URL would grow without bound.
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        g.rivulet_record = RequestRecord(request_id, request.method, route)
+        route, path = route_of_request()
+        g.rivulet_record = RequestRecord(request_id, request.method, route, path)
 
     @app.after_request
     def _close_record_with_response(response: Response) -> Response:

@@ -47,8 +47,9 @@ class LiveServer:
 @contextlib.contextmanager
 def live_server(env: dict[str, str] | None = None, *, log_dir: Path, ready_timeout: float = 120,
                 extra_args: tuple[str, ...] = (), preexec_fn: Callable[[], None] | None = None,
-                ) -> Iterator[LiveServer]:
-    """Run ``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> until /ready says 200.
+                ready_status: int = 200) -> Iterator[LiveServer]:
+    """Run ``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> until /ready says
+    ``ready_status`` (200; 503 for a server expected to refuse its model).
     ``preexec_fn`` runs in the child before gunicorn starts (e.g. to set a process limit)."""
     port = free_port()
     log_path = log_dir / f"gunicorn-{port}.log"
@@ -65,7 +66,7 @@ def live_server(env: dict[str, str] | None = None, *, log_dir: Path, ready_timeo
             if proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{server.log()}")
             try:
-                if requests.get(server.url + "/ready", timeout=2).status_code == 200:
+                if requests.get(server.url + "/ready", timeout=2).status_code == ready_status:
                     break
             except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still booting
                 pass

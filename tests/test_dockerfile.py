@@ -125,6 +125,8 @@ def test_base_image_is_slim_python(instructions):
 
 def test_every_copied_source_exists_and_is_in_the_build_context(instructions, ignore_patterns):
     for src, _ in copy_sources(instructions):
+        if "${" in src:  # a path named by a build argument (a model package's config): test_runtime_install.py
+            continue
         assert (ROOT / src).exists(), f"COPY {src}: not in the repo"
         assert not dockerignore_excludes(src, ignore_patterns), f"COPY {src}: excluded by .dockerignore"
 

@@ -129,3 +129,33 @@ def test_a_wrong_key_is_shown_and_nothing_starts(page, streams_server):
     assert "API key" in page.text_content("#error")
     assert page.text_content("#stream-id") == "–"
     assert page.is_enabled("#start")
+
+
+# What the layout test measures in the page: sideways scrolling, controls past the right edge, and any
+# placeholder wider than its field (measured in the field's own font).
+LAYOUT_JS = """() => {
+    const canvas = document.createElement('canvas').getContext('2d');
+    const controls = [...document.querySelectorAll('input, textarea, button')];
+    const outside = controls.filter(c => { const r = c.getBoundingClientRect();
+                                            return r.left < 0 || r.right > window.innerWidth; }).map(c => c.id);
+    const cut = controls.filter(c => c.placeholder).filter(c => {
+        const style = getComputedStyle(c);
+        canvas.font = style.font;
+        const room = c.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return canvas.measureText(c.placeholder).width > room;
+    }).map(c => c.id);
+    return {scrollWidth: document.documentElement.scrollWidth, outside, cut};
+}"""
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1366, 768)], ids=["phone", "laptop"])
+def test_the_page_fits_a_phone_and_a_laptop(browser, streams_server, tmp_path, width, height):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(streams_server.url + "/")
+    page.screenshot(path=str(tmp_path / f"demo-page-{width}.png"), full_page=True)  # to look at on failure
+    layout = page.evaluate(LAYOUT_JS)
+    context.close()
+    assert layout["scrollWidth"] <= width, "the page scrolls sideways"
+    assert layout["outside"] == [], "controls past the edge of the screen"
+    assert layout["cut"] == [], "placeholders cut off"

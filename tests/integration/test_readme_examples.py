@@ -5,14 +5,21 @@ stops working, this fails: the README is what a new user copies.
 """
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.live_server import live_server
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 DEFAULT_URL = "http://localhost:8080"
 
 
@@ -55,3 +62,104 @@ def test_the_python_examples_work(demo_server, block):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the example printed no streamed text"
+
+
+def test_the_model_package_example_works(tmp_path):
+    (script,) = [b for b in code_blocks(README.read_text(encoding="utf-8"), "bash")
+                 if b.startswith("RIVULET_MODEL=models/packages/")]
+    start, *client = script.strip().splitlines()
+    env = dict(re.findall(r"(RIVULET_\w+)=(\S+)", start))
+    assert start.endswith(".venv/bin/gunicorn -c gunicorn.conf.py wsgi:app")  # what live_server runs
+    with live_server(env, log_dir=tmp_path) as srv:
+        commands = "\n".join(client).replace(DEFAULT_URL, srv.url)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '"word":"streams"' in result.stdout and "data: [DONE]" in result.stdout
+
+
+# --- every block, as a newcomer copies it -----------------------------------------------------------
+
+
+def run_here() -> list[str]:
+    """The blocks the tests above run."""
+    readme = README.read_text(encoding="utf-8")
+    return [*code_blocks(readme_section("curl"), "bash"),
+            *code_blocks(readme_section("Python (the official `openai` SDK, unchanged)"), "python"),
+            *(b for b in code_blocks(readme, "bash") if b.startswith("RIVULET_MODEL=models/packages/"))]
+
+
+# The other blocks, each by a line it holds, and why a test cannot run it as written (and what covers it).
+NOT_RUN_HERE = {
+    "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt &&":
+        "the set-up itself: .ci/run installs the same requirements, live_server runs the same gunicorn command",
+    "bash .ci/run": "the test command itself",
+    ".venv/bin/pip install -r requirements-clients.txt":
+        "requirements-test.txt includes it; test_the_python_examples_need_only_what_the_readme_installs",
+    "pip install --index-url https://download.pytorch.org/whl/cpu torch": "downloads torch from PyTorch's index",
+    "RIVULET_MODEL=/srv/models/": "needs a real checkpoint on disk",
+    "retry: 3000": "an example of output, not a command",
+    "const r = await fetch(": "JavaScript for a page: the demo page (test_browser.py) makes the same calls",
+    "npx newman run": "test_postman.py runs the same collection with newman",
+    "docker build -t rivulet .":
+        "needs a Docker engine: test_dockerfile.py lints the Dockerfile, test_runtime_install.py runs its "
+        "install step",
+}
+
+
+def all_code_blocks() -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE)
+
+
+def test_every_readme_block_is_run_here_or_says_why_not():
+    ran = run_here()
+    assert len(ran) == 4  # the curl block, two Python examples, the package example
+    unaccounted = [block.strip().splitlines()[0] for block in all_code_blocks()
+                   if block not in ran and not any(line in block for line in NOT_RUN_HERE)]
+    assert unaccounted == [], "a new README block: run it in a test, or say in NOT_RUN_HERE why not"
+
+
+def requirement_names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(canonicalize_name(Requirement(line).name))
+    return names
+
+
+def readme_installs(readme: str) -> set[str]:
+    """What the README's ``pip install`` commands install: files after -r, and names given directly."""
+    names: set[str] = set()
+    for command in re.findall(r"pip install ([^`\n]+)", readme):
+        words = command.split("&&")[0].split()
+        for before, word in zip(["", *words], words):
+            if before == "-r":
+                names |= requirement_names(ROOT / word)
+            elif not word.startswith("-") and not before.startswith("-"):  # not an option or its value
+                names.add(canonicalize_name(Requirement(word).name))
+    return names
+
+
+def test_the_python_examples_need_only_what_the_readme_installs():
+    readme = README.read_text(encoding="utf-8")
+    installed = readme_installs(readme)
+    assert "openai" in installed and "requests" in installed  # requirements-clients.txt
+    distributions = importlib.metadata.packages_distributions()
+    for block in code_blocks(readme, "python"):
+        for node in ast.walk(ast.parse(block)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for module in (n.split(".")[0] for n in names):
+                if module in sys.stdlib_module_names:
+                    continue
+                needed = {canonicalize_name(d) for d in distributions.get(module, [module])}
+                assert needed & installed, f"the README's Python example imports {module}, which no " \
+                                           f"pip install in the README installs"
+
+
+def test_the_server_starts_without_torchs_numpy_warning(demo_server):
+    # torch warns "Failed to initialize NumPy" at every start when numpy is missing: requirements.txt has it.
+    assert "Failed to initialize NumPy" not in demo_server.log()
