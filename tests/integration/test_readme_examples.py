@@ -98,7 +98,12 @@ NOT_RUN_HERE = {
         "requirements-test.txt includes it; test_the_python_examples_need_only_what_the_readme_installs",
     "pip install --index-url https://download.pytorch.org/whl/cpu torch": "downloads torch from PyTorch's index",
     "RIVULET_MODEL=/srv/models/": "needs a real checkpoint on disk",
+    "RIVULET_DEVICE=cuda CUDA_VISIBLE_DEVICES=": "needs GPUs (test_devices.py drives the same hooks with fakes)",
     "retry: 3000": "an example of output, not a command",
+    "from huaweicloudsdkcore.auth.credentials import BasicCredentials":
+        "test_signed_auth.py runs this block against a server with its AK/SK in a key file",
+    "kind: Secret": "a Kubernetes manifest: test_deploy.py validates deploy/kubernetes, which mounts the same way",
+    "kubectl apply -k deploy/kubernetes": "needs a Kubernetes cluster: test_deploy.py validates the manifests",
     "const r = await fetch(": "JavaScript for a page: the demo page (test_browser.py) makes the same calls",
     "npx newman run": "test_postman.py runs the same collection with newman",
     "docker build -t rivulet .":
