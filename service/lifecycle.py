@@ -55,7 +55,8 @@ class Runtime:
                          settings.max_context)
         model = open_model(spec, backend=backend)
         engine = model.engine
-        metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count)
+        metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count,
+                          drained=lambda: model.drained_requests)
         return cls(settings, model, metrics)
 
     @property

@@ -47,12 +47,15 @@ def multiprocess_mode() -> bool:
 
 
 class Metrics:
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int],
+                 drained: Callable[[], int] = lambda: 0) -> None:
         # The *_created series double the output and no dashboard here reads them (process-wide switch).
         disable_created_metrics()
         self.multiprocess = multiprocess_mode()
         self._read_running = running
         self._read_waiting = waiting
+        self._read_drained = drained
+        self._drained_counted = 0
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("rivulet_requests_running", "Requests in the engine's running batch.", registry=r,
@@ -83,6 +86,11 @@ class Metrics:
                                      ["method", "outcome"], registry=r)
         self.open_streams = Gauge("rivulet_open_streams", "Event streams with a connected client.", registry=r,
                                   multiprocess_mode="livesum")
+        # A model package's requests whose client left (or timed out) while infer ran on to its end: the
+        # engine thread stayed busy with them (models/package.py, drain on cancel). Counted by the engine,
+        # copied here at each refresh and scrape.
+        self.package_drained = Counter("rivulet_package_drained_total",
+                                       "Package requests whose infer ran on after their client left.", registry=r)
 
     @contextlib.contextmanager
     def open_stream(self) -> Iterator[None]:
@@ -93,13 +101,19 @@ class Metrics:
             self.open_streams.dec()
 
     def refresh_engine_gauges(self) -> None:
-        """Multiprocess mode: write this worker's running/waiting counts to its file."""
+        """Copy the engine's drain count; in multiprocess mode also write this worker's running/waiting
+        counts to its file."""
+        drained = self._read_drained()
+        if drained > self._drained_counted:
+            self.package_drained.inc(drained - self._drained_counted)
+            self._drained_counted = drained
         if self.multiprocess:
             self.running.set(self._read_running())
             self.waiting.set(self._read_waiting())
 
     def render(self) -> tuple[bytes, str]:
         if not self.multiprocess:
+            self.refresh_engine_gauges()
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         self.refresh_engine_gauges()
         merged = CollectorRegistry()

@@ -89,11 +89,15 @@ def hang_up_after_first_event(server: LiveServer, body: dict) -> None:
             received += chunk
 
 
-def cancelled_count(server: LiveServer) -> float:
+def metric(server: LiveServer, name: str) -> float:
     for line in httpx.get(server.url + "/metrics", timeout=WAIT_S).text.splitlines():
-        if line.startswith("rivulet_requests_cancelled_total "):
+        if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+def cancelled_count(server: LiveServer) -> float:
+    return metric(server, "rivulet_requests_cancelled_total")
 
 
 @pytest.mark.parametrize("server_name", ["template", "stops_early"])
@@ -108,6 +112,8 @@ def test_a_hang_up_mid_generation_never_reaches_the_next_request(server_name, re
         time.sleep(0.05)  # the server notices the hang-up at its next write or heartbeat
     assert cancelled_count(server) == before + 1
     assert streamed_text(server, OWN) == own  # exactly its own text, nothing of the abandoned one's
+    # the template was drained (its infer ran on to the end); the opt-in stopped instead
+    assert metric(server, "rivulet_package_drained_total") == (1.0 if server_name == "template" else 0.0)
 
 
 def test_the_template_is_drained_and_the_opt_in_stops_early(template, stops_early, package_log):
