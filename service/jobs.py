@@ -119,18 +119,18 @@ class Job:
 
     # --- control ----------------------------------------------------------------------------
 
-    def abort(self, reason: str = "cancelled") -> None:
+    def abort(self, reason: str = CANCELLED) -> None:
         """Drop the engine's work. Safe to call twice, or after the end (then it does nothing)."""
         if self.finished or self._aborted or self._ticket is None:
             return
         self._aborted = True
         self._engine.abort(self._ticket, reason)
-        if reason == "cancelled":
+        if reason == CANCELLED:
             self._metrics.cancelled.inc()
 
     def close(self) -> None:
         """The reader is done: if the stream did not finish, the client left, so the work is cancelled."""
-        self.abort("cancelled")
+        self.abort(CANCELLED)
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from flask import Response, jsonify
 
+from models.api import CANCELLED
 from models.errors import RivuletError
 from service import sse
 from service.answers import collect
@@ -32,7 +33,7 @@ def note_job(record: RequestRecord, job: Job) -> None:
     record.prompt_tokens = job.prompt_tokens
     record.completion_tokens = job.completion_tokens
     record.time_to_first_token_s = job.time_to_first_token_s
-    record.finish_reason = job.finish_reason or ("cancelled" if not job.finished else None)
+    record.finish_reason = job.finish_reason or (CANCELLED if not job.finished else None)
 
 
 def event_stream(job: Job) -> Response:
