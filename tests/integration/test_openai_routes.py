@@ -185,5 +185,6 @@ def test_request_log_line_per_request(demo_server):
     assert lines[0] | {"duration_s": 0, "time_to_first_token_s": 0} == {
         "event": "request", "request_id": "trace-42", "method": "POST", "route": "/v1/chat/completions",
         "status": 200, "prompt_tokens": lines[0]["prompt_tokens"], "completion_tokens": 3,
-        "time_to_first_token_s": 0, "duration_s": 0, "finish_reason": "length"}
+        "time_to_first_token_s": 0, "duration_s": 0, "finish_reason": "length",
+        "auth_method": None, "key_id": None, "auth_outcome": None}  # no authentication configured
     assert lines[0]["prompt_tokens"] > 0
