@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     starts after gunicorn forks the worker. Until then ``/ready`` says 503.
     """
     from service import (
-        auth, cors, errors, request_log, routes_health, routes_openai, routes_package, routes_streams,
+        auth, cors, errors, request_log, routes_docs, routes_health, routes_openai, routes_package, routes_streams,
     )
     from service.lifecycle import Runtime
 
@@ -44,4 +44,5 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_package.bp)
     app.register_blueprint(routes_streams.bp)
+    app.register_blueprint(routes_docs.bp)
     return app

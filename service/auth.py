@@ -25,6 +25,10 @@ def public(view: View) -> View:
     return view
 
 
+def is_public(view: Callable) -> bool:
+    return bool(getattr(view, _PUBLIC_ATTR, False))
+
+
 def presented_token(headers) -> str | None:
     token = headers.get("X-Auth-Token")
     if token:
@@ -53,7 +57,7 @@ def init_app(app: Flask, keys: Sequence[str]) -> None:
         if request.method == "OPTIONS":  # CORS preflights carry no credentials by design
             return
         view = current_app.view_functions.get(request.endpoint or "")
-        if view is not None and getattr(view, _PUBLIC_ATTR, False):
+        if view is not None and is_public(view):
             return
         token = presented_token(request.headers)
         if token is None:
