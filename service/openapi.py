@@ -211,8 +211,23 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): {"$ref": f"#/components/responses/{status}"} for status in statuses}
 
 
+# One event of a stream (OpenAPI 3.1 has no itemSchema yet; tools such as schemathesis read a
+# text/event-stream schema as each event's, as OpenAPI 3.2's itemSchema says).
+_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "A JSON object, or [DONE] (the last event).",
+                 "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string", "enum": ["message", "done"]},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "required": ["data"],
+}
+
+
 def _stream_content() -> dict[str, Any]:
-    return {EVENT_STREAM: {"schema": {"type": "string"}}}
+    return {EVENT_STREAM: {"schema": _EVENT}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
