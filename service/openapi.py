@@ -167,10 +167,16 @@ def package_inputs_schema(schema: InputSchema) -> dict[str, Any]:
         "required": ["name", "data"],
         "additionalProperties": False,
     } for name, spec in schema.fields.items()]
+    # Each input at most once, the required ones exactly once.
+    once_each = [{"contains": {"type": "object", "properties": {"name": {"const": name}}, "required": ["name"]},
+                  "minContains": 1 if spec.required else 0, "maxContains": 1}
+                 for name, spec in schema.fields.items()]
+    kserve_list = {"type": "array", "items": {"anyOf": kserve_items} if kserve_items else False}
+    if once_each:
+        kserve_list["allOf"] = once_each
     kserve = {
         "type": "object",
-        "properties": {"inputs": {"type": "array", "items": {"anyOf": kserve_items} if kserve_items else False},
-                       **envelope},
+        "properties": {"inputs": kserve_list, **envelope},
         "required": ["inputs"],
         "additionalProperties": False,
     }
@@ -284,7 +290,8 @@ def _paths(inputs: dict[str, Any] | None, test_hooks: bool) -> dict[str, dict[st
                        "/v1/completions or /v1/sse; 'kind' (query or body field) says which, else it is "
                        "guessed as /v1/sse does",
             "parameters": [{"name": "kind", "in": "query", "required": False,
-                            "schema": {"type": "string", "enum": list(KINDS)}}],
+                            "schema": {"type": "string", "enum": ["package"] if inputs is not None else
+                                       [kind for kind in KINDS if kind != "package"]}}],
             "requestBody": _body(model_body),
             "responses": {"201": {"description": "Started; GET the url to read it.",
                                   "headers": {"Location": {"schema": {"type": "string"}}},

@@ -118,6 +118,8 @@ def test_package_bodies_the_package_takes_match_the_document(package_app, body):
     {"inputs": [{"name": "prompt", "data": ["a", "b"]}]},
     {"inputs": [{"name": "prompt", "datatype": "INT64", "data": ["a"]}]},
     {"inputs": [{"name": "nope", "data": ["a"]}]},
+    {"inputs": []},  # prompt is required in a KServe list too
+    {"inputs": [{"name": "prompt", "data": ["a"]}, {"name": "prompt", "data": ["b"]}]},  # given twice
 ])
 def test_package_bodies_the_package_refuses_do_not_match_the_document(package_app, body):
     schema = package_body_schema(package_app)
