@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import sys
 from typing import Any
 
@@ -61,8 +62,25 @@ def read_body(limit: int, timeout_s: float) -> bytes:
     """
     timeout = gevent.Timeout(timeout_s, BodyTimeout(
         f"the request body did not arrive within {timeout_s:g} s (RIVULET_BODY_TIMEOUT_S)"))
-    with timeout:
-        return _read_at_most(limit)
+    try:
+        with timeout:
+            return _read_at_most(limit)
+    except BodyTimeout:
+        _stop_reading()
+        raise
+
+
+def _stop_reading() -> None:
+    """The rest of a late body is not wanted, and where the next request would start is unknown: shut
+    the connection's reading side, so gunicorn closes it right after the 408 instead of draining the
+    trickle (its own drain is bounded only by ``keepalive``)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:  # already gone: nothing left to stop
+        pass
 
 
 def _read_at_most(limit: int) -> bytes:
