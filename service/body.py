@@ -116,7 +116,7 @@ def parse_json(data: bytes) -> Any:
         raise _too_deep() from None
     except ValueError as exc:  # json.JSONDecodeError: where and what
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
-    if _nested_deeper_than(text, MAX_JSON_DEPTH):
+    if _nested_deeper_than(data, MAX_JSON_DEPTH):
         raise _too_deep()
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise InvalidJson("a string in the request body holds an unpaired UTF-16 surrogate escape "
@@ -163,21 +163,23 @@ def _shorten(literal: str) -> str:
 
 
 # Strings (with their escapes) are skipped when counting brackets; what is left of a valid document is
-# a balanced bracket sequence, and removing every innermost "[]"/"{}" pair takes one level off.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_INNERMOST_PAIR = re.compile(r"\[\]|\{\}")
+# a balanced bracket sequence (objects and arrays alike: "{" counts as "["), and removing every
+# innermost "[]" pair takes one level off (bytes.replace does not rescan what it produced).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _nested_deeper_than(text: str, limit: int) -> bool:
-    """Is the (valid) JSON ``text`` nested more than ``limit`` levels? Regex passes only (C speed): no
-    Python loop over a body that may be megabytes of brackets."""
-    if text.count("[") + text.count("{") <= limit:
+def _nested_deeper_than(data: bytes, limit: int) -> bool:
+    """Is the (valid) JSON ``data`` nested more than ``limit`` levels? One regex pass, a translation and
+    at most ``limit`` replaces, all in C: no Python loop over a body that may be megabytes of brackets
+    (12 MiB of small arrays takes ~0.2 s here, json.loads itself ~2.5 s)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
         return False  # the usual case: too few brackets to be that deep
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    brackets = _STRING.sub(b"", data).translate(_AS_SQUARE, _NOT_BRACKETS)
     for _ in range(limit):
-        brackets = _INNERMOST_PAIR.sub("", brackets)
+        brackets = brackets.replace(b"[]", b"")
         if not brackets:
             return False
     return True

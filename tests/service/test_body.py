@@ -32,6 +32,13 @@ def test_nesting_up_to_the_limit_is_accepted_one_more_level_is_not():
     assert parse_json(b'{"a": ' + nested(MAX_JSON_DEPTH - 1) + b"}")
     with pytest.raises(InvalidJson, match=f"more than {MAX_JSON_DEPTH} levels"):
         parse_json(b'{"a": ' + nested(MAX_JSON_DEPTH) + b"}")
+    # Objects and arrays count alike, and brackets inside strings not at all.
+    mixed = b'"x"'
+    for level in range(MAX_JSON_DEPTH):
+        mixed = b'{"a": ' + mixed + b', "b": "]}]"}' if level % 2 else b'["[{", ' + mixed + b"]"
+    assert parse_json(mixed)
+    with pytest.raises(InvalidJson, match="levels deep"):
+        parse_json(b"[" + mixed + b"]")
     # Wide is not deep: thousands of sibling arrays at depth 2.
     assert len(parse_json(b"[" + b",".join([b"[1]"] * 5000) + b"]")) == 5000
 
