@@ -135,3 +135,13 @@ def package_body_schema(app) -> dict:
     assert document["paths"]["/v1/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"] == schema
     assert schema["anyOf"][0]["properties"]["prompt"]["examples"] == ["There is a fine house in the forest"]
     return schema
+
+
+def test_the_documents_are_valid_openapi_3_1(make_settings, package_app):
+    from schemathesis.specs.openapi.definitions import OPENAPI_31  # the OpenAPI Initiative's meta-schema
+
+    from service import create_app
+
+    for app in (create_app(make_settings()), create_app(make_settings(api_keys=("k",), test_hooks=True)),
+                package_app):
+        jsonschema.Draft202012Validator(OPENAPI_31).validate(document_of(app.test_client()))
