@@ -11,7 +11,7 @@ package's take its inputs; security appears only when RIVULET_API_KEYS is set.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from flask import Flask
 from pydantic import BaseModel
@@ -20,6 +20,9 @@ from pydantic.json_schema import models_json_schema
 from models.package_schema import INT64_MAX, INT64_MIN, KSERVE_ENVELOPE_KEYS, WIRE_DATATYPES, InputSchema
 from service.auth import is_public
 from service.openai_schemas import ChatRequest, CompletionRequest
+from service.openapi_responses import (
+    ChatCompletion, Completion, DroppedReaders, ErrorBody, Health, ModelList, Readiness, StreamCreated,
+)
 from service.routes_streams import KINDS
 
 OPENAPI_VERSION = "3.1.0"
@@ -32,96 +35,6 @@ def served_input_schema(app: Flask) -> InputSchema | None:
     the runtime which model it serves."""
     backend = app.extensions["rivulet"].backend
     return backend.input_schema if backend.kind == "package" else None
-
-
-# --- response bodies (documentation only: the routes build these as dicts) ----------------------
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: str
-    param: str | None
-
-
-class ErrorBody(BaseModel):
-    """Every error answered before a stream starts (``service/errors.py``)."""
-
-    error: ErrorDetail
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: dict[str, Any] | None
-    finish_reason: str
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict[str, Any] | None
-    finish_reason: str
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    kind: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class Readiness(BaseModel):
-    status: str
-    model: str
-    error: str | None = None
-
-
-class StreamCreated(BaseModel):
-    id: str
-    url: str
-
-
-class DroppedReaders(BaseModel):
-    dropped: int
 
 
 _MODELS: tuple[type[BaseModel], ...] = (
