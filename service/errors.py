@@ -13,8 +13,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from models.errors import (
-    BodyTimeout, BodyTooLarge, ClientGone, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull, RequestTimeout,
-    RivuletError, Shutdown, Unauthorized,
+    BodyTimeout, BodyTooLarge, ClientGone, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull,
+    RequestTimeout, RivuletError, Shutdown, Unauthorized,
 )
 
 log = logging.getLogger("rivulet.service")
