@@ -40,7 +40,10 @@ timeout = 30
 # (service.lifecycle.SHUTDOWN_MARGIN_S), every stream still open ends with a shutdown error event and
 # [DONE] instead of being cut mid-chunk. Keep it above RIVULET_REQUEST_TIMEOUT_S to let every request end.
 graceful_timeout = 45
-# Idle keep-alive connections are closed after this many seconds.
+# Idle keep-alive connections are closed after this many seconds. The gevent worker also reads each
+# request head (request line + headers) under this timer: a client that sends half a head (slowloris) is
+# dropped after it. Keep it above 0: at 0 heads are read with no time limit. The body is bounded by
+# RIVULET_BODY_TIMEOUT_S; answers (streams) by neither.
 keepalive = 5
 
 # --- logging ------------------------------------------------------------------------------------
@@ -68,6 +71,9 @@ def on_starting(server):
     before, now = raise_open_files_limit(server.cfg.worker_connections)
     if now != before:
         server.log.info("open files limit raised from %s to %s", before, now)
+    if server.cfg.keepalive <= 0:
+        server.log.warning("keepalive is 0: request heads are read with no time limit, so clients that "
+                           "send half a request hold their connection forever; set keepalive > 0")
     if now < server.cfg.worker_connections + SPARE_FILES:
         server.log.warning("open files are limited to %s: fewer than %s streams fit; raise the hard limit "
                            "(ulimit -Hn, docker run --ulimit nofile=...)", now, server.cfg.worker_connections)

@@ -32,6 +32,13 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class InvalidJson(InvalidRequest):
+    """The body is not JSON this server takes: malformed, not UTF-8, nested too deep, NaN or Infinity,
+    a lone surrogate, or a key given twice in one object."""
+
+    code = "invalid_json"
+
+
 class Unauthorized(RivuletError):
     type = "authentication_error"
     code = "invalid_api_key"
@@ -45,6 +52,13 @@ class NotFound(RivuletError):
 class BodyTooLarge(RivuletError):
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class BodyTimeout(RivuletError):
+    """The request body did not arrive in time (a client sending it too slowly, or stalled)."""
+
+    type = "invalid_request_error"
+    code = "request_body_timeout"
 
 
 class QueueFull(RivuletError):

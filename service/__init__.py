@@ -20,8 +20,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     starts after gunicorn forks the worker. Until then ``/ready`` says 503.
     """
     from service import (
-        auth, cors, errors, request_log, routes_demo, routes_health, routes_openai, routes_package, routes_streams,
-        routes_test_hooks,
+        auth, cors, errors, request_log, routes_demo, routes_docs, routes_health, routes_openai, routes_package,
+        routes_streams, routes_test_hooks,
     )
     from service.lifecycle import Runtime
 
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     runtime = Runtime.build(settings, backend=backend)
 
     app = Flask(__name__)
-    # One byte over the limit: Werkzeug then stops a chunked body just past it, and service.http.json_body
+    # One byte over the limit: Werkzeug then stops a chunked body just past it, and service.body.json_body
     # (which every body-taking route uses) tells "exactly the limit" from "too large" and answers 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.ensure_ascii = False
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.register_blueprint(routes_package.bp)
     app.register_blueprint(routes_streams.bp)
     app.register_blueprint(routes_demo.bp)
+    app.register_blueprint(routes_docs.bp)
     if settings.test_hooks:
         app.register_blueprint(routes_test_hooks.bp)
     return app

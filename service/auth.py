@@ -48,12 +48,17 @@ def public(view: View) -> View:
     return view
 
 
+def is_public(view: Callable) -> bool:
+    return bool(getattr(view, _PUBLIC_ATTR, False))
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who made a request: the method and a key id that is safe to log."""
 
     method: str
     key_id: str
+
 
 
 def presented_token(headers) -> str | None:
@@ -212,7 +217,7 @@ def init_app(app: Flask, settings: Settings, metrics: Metrics) -> None:
         if request.method == "OPTIONS":  # CORS preflights carry no credentials by design
             return
         view = current_app.view_functions.get(request.endpoint or "")
-        if view is not None and getattr(view, _PUBLIC_ATTR, False):
+        if view is not None and is_public(view):
             return
         record = current_record()
         try:

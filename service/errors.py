@@ -13,8 +13,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from models.errors import (
-    BodyTooLarge, ClientGone, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull, RequestTimeout,
-    RivuletError, Shutdown, Unauthorized,
+    BodyTimeout, BodyTooLarge, ClientGone, EngineUnavailable, InvalidRequest, ModelError, NotFound, QueueFull,
+    RequestTimeout, RivuletError, Shutdown, Unauthorized,
 )
 
 log = logging.getLogger("rivulet.service")
@@ -24,6 +24,7 @@ _STATUS: tuple[tuple[type[RivuletError], int], ...] = (
     (InvalidRequest, 400),
     (Unauthorized, 401),
     (NotFound, 404),
+    (BodyTimeout, 408),
     (BodyTooLarge, 413),
     (QueueFull, 429),
     (EngineUnavailable, 503),

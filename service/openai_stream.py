@@ -7,6 +7,7 @@ carries the usage, as OpenAI does.
 """
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class ResponseShape:
     def _choice(self, text: str | None, finish_reason: str | None,
                 logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         if self.kind == COMPLETION:
-            return {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs),
+            return {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs, text or ""),
                     "finish_reason": finish_reason}
         delta: dict[str, Any] = {}
         if not self._role_sent:
@@ -70,26 +71,33 @@ class ResponseShape:
         # A byte-fallback token is often part of a character: shown escaped, as OpenAI does ("\\xe5").
         return raw.decode("utf-8", errors="backslashreplace"), raw
 
-    def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
-        """OpenAI's logprobs object of a choice: chat's ``content`` list, or completions' parallel lists."""
+    def _logprobs(self, entries: tuple[TokenLogprob, ...], text: str = "") -> dict[str, Any] | None:
+        """OpenAI's logprobs object of a choice: chat's ``content`` list, or completions' parallel lists
+        (``text`` is what the client receives with these tokens: their ``text_offset`` points into it)."""
         if self.token_bytes is None or not entries:
             return None
         if self.kind == CHAT:
             content = []
             for entry in entries:
-                text, raw = self._token(entry.token)
+                token_text, raw = self._token(entry.token)
                 top = [{"token": t, "logprob": lp, "bytes": list(b)}
                        for t, b, lp in ((*self._token(tok), lp) for tok, lp in entry.top)]
-                content.append({"token": text, "logprob": entry.logprob, "bytes": list(raw), "top_logprobs": top})
+                content.append({"token": token_text, "logprob": entry.logprob, "bytes": list(raw), "top_logprobs": top})
             return {"content": content}
         tokens, offsets, tops = [], [], []
+        # text_offset counts characters of the text the client received, not of the tokens' escaped
+        # names: byte-fallback tokens ("\\xe6", "\\x97", "\\xa5") together are one character ("日"),
+        # so a token's offset is where the characters its predecessors complete end.
+        start, completed = self._text_offset, 0
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for entry in entries:
-            text, _ = self._token(entry.token)
-            tokens.append(text)
-            offsets.append(self._text_offset)
-            self._text_offset += len(text)
+            token_text, raw = self._token(entry.token)
+            tokens.append(token_text)
+            offsets.append(start + min(completed, len(text)))
+            completed += len(utf8.decode(raw))
             # The sampled token is always listed, so there may be N + 1 entries (as OpenAI says).
-            tops.append({**{self._token(tok)[0]: lp for tok, lp in entry.top}, text: entry.logprob})
+            tops.append({**{self._token(tok)[0]: lp for tok, lp in entry.top}, token_text: entry.logprob})
+        self._text_offset = start + len(text)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
                 "text_offset": offsets}
 
@@ -113,7 +121,8 @@ class ResponseShape:
                                       "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs, text),
+                      "finish_reason": finish_reason}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}

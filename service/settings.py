@@ -55,6 +55,9 @@ class Settings(BaseModel):
     signature_max_skew_s: float = Field(900.0, gt=0)
     # Larger request bodies get 413 before they are read (Content-Length) or once they pass it (chunked).
     max_body_bytes: int = Field(12 * MiB, ge=1)
+    # The whole request body must arrive within this many seconds of the head, else 408 (a stalled or
+    # trickling upload holds its connection no longer). The head itself is bounded by gunicorn's keepalive.
+    body_timeout_s: float = Field(60.0, gt=0)
     # A request still running this long after it arrived ends with a timeout error event.
     request_timeout_s: float = Field(40.0, gt=0)
     # Requests queued beyond the running batch; past it, 429 with Retry-After. Every request passes

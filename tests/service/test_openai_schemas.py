@@ -85,6 +85,8 @@ def test_completion_prompt_forms(prompt, expected):
     ({**CHAT, "top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({**CHAT, "top_k": -2}, "top_k", "greater than or equal to -1"),
     ({**CHAT, "seed": "x"}, "seed", "valid integer"),
+    ({**CHAT, "seed": 2**63}, "seed", "less than or equal to 9223372036854775807"),  # was a 500 (torch overflow)
+    ({**CHAT, "seed": -(2**63) - 1}, "seed", "greater than or equal to"),
     ({**CHAT, "stop": ""}, "stop", "may not be empty"),
     ({**CHAT, "stop": [""]}, "stop.0", "at least 1 character"),
     ({**CHAT, "stop": ["a"] * 17}, "stop", "at most 16"),

@@ -42,3 +42,18 @@ def test_a_whole_response_carries_all_the_logprobs():
     shape = ResponseShape(CHAT, "r", "m", token_bytes=TOKEN_BYTES)
     whole = shape.whole(" Hi", "length", 3, 2, ENTRIES)
     assert [e["logprob"] for e in whole["choices"][0]["logprobs"]["content"]] == [-0.5, -0.25]
+
+
+def test_completion_text_offsets_count_the_characters_the_client_received():
+    # "日" is three byte-fallback tokens; the client receives one character, not three "\\xNN" names.
+    token_bytes = {1: b" A", 2: b"\xe6", 3: b"\x97", 4: b"\xa5", 5: b"B", 6: b"!"}.__getitem__
+    shape = ResponseShape(COMPLETION, "r", "m", token_bytes=token_bytes)
+    first = shape.text_chunk(" A日B", tuple(TokenLogprob(t, -1.0, ()) for t in (1, 2, 3, 4, 5)))
+    logprobs = first["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [" A", "\\xe6", "\\x97", "\\xa5", "B"]  # names stay escaped, as OpenAI's
+    assert logprobs["text_offset"] == [0, 2, 2, 2, 3]  # " A" | 日 (its three bytes start at 2) | B
+    second = shape.text_chunk("!", (TokenLogprob(6, -1.0, ()),))["choices"][0]["logprobs"]
+    assert second["text_offset"] == [4]  # len(" A日B"): offsets continue across chunks
+    whole = ResponseShape(COMPLETION, "r", "m", token_bytes=token_bytes).whole(
+        " A日B!", "length", 1, 6, tuple(TokenLogprob(t, -1.0, ()) for t in range(1, 7)))
+    assert whole["choices"][0]["logprobs"]["text_offset"] == [0, 2, 2, 2, 3, 4]
