@@ -245,11 +245,11 @@ def _paths(inputs: dict[str, Any] | None, test_hooks: bool) -> dict[str, dict[st
             "responses": {"200": {"description": "Prometheus text format.",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}},
         }},
-        "streams.demo_page": {"get": {
+        "demo.demo_page": {"get": {
             "summary": "The demo page",
             "responses": {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}},
         }},
-        "streams.demo_file": {"get": {
+        "demo.demo_file": {"get": {
             "summary": "The demo page's files",
             "parameters": [{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "The file.", "content": {"*/*": {"schema": {}}}}, **_errors(404)},
@@ -265,6 +265,10 @@ def _paths(inputs: dict[str, Any] | None, test_hooks: bool) -> dict[str, dict[st
             "parameters": [_stream_id()],
             "responses": {"200": {"description": "How many readers were dropped.",
                                   "content": _json(_ref(DroppedReaders))}},
+        }}
+        paths["test_hooks.engine_fault"] = {"post": {
+            "summary": "Test hook (RIVULET_TEST_HOOKS): fail the engine's next step as a broken device would",
+            "responses": {"200": {"description": "The fault is armed.", "content": _json({"type": "object"})}},
         }}
     return paths
 

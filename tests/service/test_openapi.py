@@ -105,7 +105,7 @@ def package_app():
 def test_package_bodies_the_package_takes_match_the_document(package_app, body):
     schema = package_body_schema(package_app)
     jsonschema.validate(body, schema)
-    package_app.extensions["rivulet"].backend.input_schema.parse(body)  # and the package agrees
+    package_app.extensions["rivulet"].model.parse_package_inputs(body)  # and the package agrees
 
 
 @pytest.mark.parametrize("body", [
@@ -126,7 +126,7 @@ def test_package_bodies_the_package_refuses_do_not_match_the_document(package_ap
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(body, schema)
     with pytest.raises(InvalidRequest):
-        package_app.extensions["rivulet"].backend.input_schema.parse(body)
+        package_app.extensions["rivulet"].model.parse_package_inputs(body)
 
 
 def package_body_schema(app) -> dict:
