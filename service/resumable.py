@@ -117,6 +117,13 @@ class ResumableStreams:
             pump.job.abort("cancelled")
         return self.store.delete(stream_id)
 
+    def wait_for_work(self, timeout: float) -> int:
+        """Block until every stream's work in this worker has ended (finished, or ended by the engine's
+        shutdown) and its last events are stored, or ``timeout`` passed. -> how many still run."""
+        gevent.joinall([p.greenlet for p in list(self._pumps.values()) if p.greenlet is not None],
+                       timeout=timeout)
+        return len(self._pumps)
+
     def _pump(self, stream_id: str, job: Job) -> None:
         try:
             for payload in job:

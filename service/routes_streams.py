@@ -18,12 +18,13 @@
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory, url_for
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_from_directory, url_for
 
 from models.errors import InvalidRequest, NotFound
 from service import sse
@@ -37,6 +38,7 @@ from service.resumable import DONE_EVENT, DROPPED, GONE, Gap, ResumableStreams
 from service.stream_store import StoreBounds, StoredEvent, StoreUnavailable, StreamGone, open_store
 
 bp = Blueprint("streams", __name__)
+log = logging.getLogger("rivulet.streams")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
@@ -59,6 +61,19 @@ def streams() -> ResumableStreams:
                                  heartbeat_s=settings.heartbeat_s)
         current_app.extensions[_EXTENSION] = found
     return found
+
+
+def wait_for_stream_work(app: Flask, timeout: float) -> None:
+    """At worker exit: with a shared store, let this worker's resumable streams finish (or end with the
+    engine's shutdown event) and store their last events, up to ``timeout``. Their readers may be on
+    other replicas, so no open connection here holds the worker for them as it does for direct streams.
+    With the memory store nobody could read them after the exit: nothing to wait for."""
+    found: ResumableStreams | None = app.extensions.get(_EXTENSION)
+    if found is None or found.store.backend == "memory":
+        return
+    left = found.wait_for_work(timeout)
+    if left:
+        log.warning("%d resumable streams still running at exit: their readers will find them expired", left)
 
 
 def _kind(body: Any) -> str:

@@ -1,7 +1,7 @@
 """Start a real ``redis-server`` (Debian's package) on a free loopback port, for the tests of the Redis store.
 
-No persistence (``--save ''``, no AOF): every test run starts from an empty server. A machine without
-redis-server skips those tests (``missing_tool``: they fail under CI=true, where .ci/run installs it).
+No persistence (``--save ''``, no AOF): every start is an empty server. A machine without redis-server
+skips those tests (``missing_tool``: they fail under CI=true, where .ci/run installs it).
 """
 from __future__ import annotations
 
@@ -10,21 +10,61 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.live_server import free_port
 
 
+def redis_server_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
 @dataclass
 class RedisServer:
-    url: str
     port: int
-    proc: subprocess.Popen
-    log_path: Path
+    log_dir: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"redis-{self.port}.log"
+
+    def start(self) -> None:
+        """Run redis-server on this port until it answers PING (again, after ``stop``: a restart)."""
+        import redis
+
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.log_dir), "--logfile", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {log}")
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -33,42 +73,12 @@ class RedisServer:
                 self.proc.wait()
 
 
-def redis_server_binary() -> str | None:
-    return shutil.which("redis-server")
-
-
 @contextlib.contextmanager
-def redis_server(log_dir: Path, *, port: int | None = None) -> Iterator[RedisServer]:
-    """redis-server on 127.0.0.1:<port> (a free one unless given: a restart reuses its port), until it
-    answers PING."""
-    import redis
-
-    binary = redis_server_binary()
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    port = port or free_port()
-    log_path = log_dir / f"redis-{port}.log"
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(log_dir), "--logfile", str(log_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc, log_path)
+def redis_server(log_dir: Path) -> Iterator[RedisServer]:
+    """redis-server on 127.0.0.1:<a free port>, stopped at the end."""
+    server = RedisServer(free_port(), log_dir)
     try:
-        client = redis.Redis(port=port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace') if log_path.exists() else ''}")
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        server.start()
         yield server
     finally:
         server.stop()
