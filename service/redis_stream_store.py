@@ -44,6 +44,8 @@ log = logging.getLogger("rivulet.streams")
 MAX_BLOCK_S = 5.0
 SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
 CONNECT_TIMEOUT_S = 1.0  # Redis down is told fast: POST /v1/streams answers 503, /ready says so
+# /ready's probe has its own client, quick to give up: a readiness probe has a second or so to answer.
+PING_TIMEOUT_S = 0.5
 TOMBSTONE_TTL_MS = int(2 * MAX_BLOCK_S * 1000)  # long enough for every blocked reader to wake on it
 
 # Shared head of the scripts: the keys, and the server's clock in ms.
@@ -193,6 +195,8 @@ class RedisStreamStore:
             # client wait longer for its 503 while Redis is down.
             retry=Retry(NoBackoff(), 1),
         )
+        self._probe = redis.Redis.from_url(url, socket_timeout=PING_TIMEOUT_S,
+                                           socket_connect_timeout=PING_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
         scripts = {"create": _CREATE, "append": _APPEND, "read": _READ, "touch": _TOUCH, "idle": _IDLE,
                    "delete": _DELETE, "expire": _EXPIRE, "keep": _KEEP}
         self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
@@ -220,7 +224,7 @@ class RedisStreamStore:
 
     def ping(self) -> None:
         with _reachable(self.url):
-            self._redis.ping()
+            self._probe.ping()
 
     def create(self, stream_id: str) -> None:
         self.expire()
@@ -298,6 +302,7 @@ class RedisStreamStore:
 
     def close(self) -> None:
         self._redis.close()
+        self._probe.close()
 
 
 def _events(entries: list[Any]) -> Iterator[StoredEvent]:
