@@ -320,7 +320,7 @@ def test_redis_a_delete_through_another_replica_stops_the_producers_appends(redi
     assert producer.total_bytes() == 0 and len(producer) == 0
 
 
-def test_redis_unreachable_is_store_unavailable_without_the_password(redis_stores):
+def test_redis_unreachable_is_store_unavailable_without_the_password():  # no server needed
     from tests.live_server import free_port
 
     from service.redis_stream_store import RedisStreamStore
