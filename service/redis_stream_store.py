@@ -12,9 +12,10 @@ Per stream, two keys (the id in braces is a Redis hash tag: both keys of a strea
 And three keys for all streams: ``<prefix>:index`` (a sorted set: stream id -> when it expires, ms),
 ``<prefix>:bytes`` (a hash: stream id -> bytes kept) and ``<prefix>:total`` (their sum).
 
-Every key has a TTL of the retention time: a finished stream's keys vanish ``retention_s`` after its
-last event, as in memory. A running stream's TTL is renewed by each append and by ``keep`` (the replica
-running its work calls it every sweep), so a stream whose replica died expires on its own. ``expire``
+Every key has a TTL: a finished stream's keys vanish ``retention_s`` after its last event, as in
+memory. A running stream holds a lease instead (``RUNNING_LEASE_S``, or the retention time if shorter),
+renewed by each append and by ``keep`` (the replica running its work calls it every sweep): the streams
+of a replica that died expire within the lease, and their readers learn it then. ``expire``
 reaps the index entries (and the byte counts) of streams whose time has come.
 
 Every change is one Lua script, so the bounds, ids and counters never see a half-done step, whichever
@@ -46,6 +47,10 @@ SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
 CONNECT_TIMEOUT_S = 1.0  # Redis down is told fast: POST /v1/streams answers 503, /ready says so
 # /ready's probe has its own client, quick to give up: a readiness probe has a second or so to answer.
 PING_TIMEOUT_S = 0.5
+# A running stream's keys live this long past the last sign of the replica that runs it (a sweep every
+# second renews it): long enough for any pause of that replica, short enough for its readers to learn
+# soon that it died.
+RUNNING_LEASE_S = 30.0
 TOMBSTONE_TTL_MS = int(2 * MAX_BLOCK_S * 1000)  # long enough for every blocked reader to wake on it
 
 # Shared head of the scripts: the keys, and the server's clock in ms.
@@ -55,15 +60,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# Renew the TTL of a stream's keys and of the shared ones (their TTL is never shorter than a stream's).
+# Renew the TTL of a stream's keys (ttl) and of the shared ones (the retention time, the longest TTL a
+# stream may get: the shared keys never vanish before a stream's).
 _RENEW = """
-local function renew(meta, events, id, ttl)
+local function renew(meta, events, id, ttl, retention)
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', events, ttl)
   redis.call('ZADD', index, now + ttl, id)
-  redis.call('PEXPIRE', index, ttl)
-  redis.call('PEXPIRE', bytes, ttl)
-  redis.call('PEXPIRE', total, ttl)
+  redis.call('PEXPIRE', index, retention)
+  redis.call('PEXPIRE', bytes, retention)
+  redis.call('PEXPIRE', total, retention)
 end
 """
 
@@ -78,18 +84,19 @@ local function forget(meta, events, id)
 end
 """
 
-# ARGV: id, total_bytes, ttl_ms. -> 1 created, 0 full, -1 exists.
+# ARGV: id, total_bytes, lease_ms, retention_ms. -> 1 created, 0 full, -1 exists.
 _CREATE = _PRELUDE + _RENEW + """
 if tonumber(redis.call('GET', total) or '0') >= tonumber(ARGV[2]) then return 0 end
 if redis.call('EXISTS', meta) == 1 then return -1 end
 redis.call('HSET', meta, 'last_id', 0, 'dropped_through', 0, 'finished', 0, 'read_at', now)
 redis.call('HSET', bytes, ARGV[1], 0)
 redis.call('INCRBY', total, 0)
-renew(meta, events, ARGV[1], tonumber(ARGV[3]))
+renew(meta, events, ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]))
 return 1
 """
 
-# ARGV: id, data, name ('' = none), finish (0/1), max_events, max_bytes, total_bytes, ttl_ms.
+# ARGV: id, data, name ('' = none), finish (0/1), max_events, max_bytes, total_bytes, lease_ms,
+# retention_ms. A finished stream's keys live for the retention time, a running one's for the lease.
 # -> the new event's id; -1 gone; -2 already finished.
 _APPEND = _PRELUDE + _RENEW + """
 if redis.call('EXISTS', meta) == 0 then return -1 end
@@ -118,8 +125,12 @@ while kept > 1 and (kept > max_events or kept_bytes > max_bytes or all_bytes > t
   all_bytes = redis.call('INCRBY', total, -size)
   kept = kept - 1
 end
-if ARGV[4] == '1' then redis.call('HSET', meta, 'finished', 1) end
-renew(meta, events, id, tonumber(ARGV[8]))
+local ttl = tonumber(ARGV[8])
+if ARGV[4] == '1' then
+  redis.call('HSET', meta, 'finished', 1)
+  ttl = tonumber(ARGV[9])
+end
+renew(meta, events, id, ttl, tonumber(ARGV[9]))
 return last
 """
 
@@ -166,13 +177,13 @@ end
 return old
 """
 
-# ARGV: ttl_ms, ids... Renew the TTL of running streams whose work this replica runs.
+# ARGV: lease_ms, retention_ms, ids... KEYS[6..]: meta, events of each. Renew the lease of running
+# streams whose work this replica runs.
 _KEEP = _PRELUDE + _RENEW + """
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local m = KEYS[5 + 2 * (i - 1) - 1]
-  if redis.call('HGET', m, 'finished') == '0' then renew(m, KEYS[5 + 2 * (i - 1)], id, ttl) end
+local lease, retention = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local m, e = KEYS[2 * i], KEYS[2 * i + 1]
+  if redis.call('HGET', m, 'finished') == '0' then renew(m, e, ARGV[i], lease, retention) end
 end
 return 0
 """
@@ -187,7 +198,8 @@ class RedisStreamStore:
         self.bounds = bounds
         self.url = url
         self._prefix = prefix
-        self._ttl_ms = max(1, int(bounds.retention_s * 1000))
+        self._retention_ms = max(1, int(bounds.retention_s * 1000))
+        self._lease_ms = min(self._retention_ms, int(RUNNING_LEASE_S * 1000))
         self._redis = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30,
@@ -228,7 +240,8 @@ class RedisStreamStore:
 
     def create(self, stream_id: str) -> None:
         self.expire()
-        created = self._run("create", stream_id, stream_id, self.bounds.total_bytes, self._ttl_ms)
+        created = self._run("create", stream_id, stream_id, self.bounds.total_bytes, self._lease_ms,
+                            self._retention_ms)
         if created == 0:
             raise StoreFull(
                 f"the stream replay buffers are full ({self.bounds.total_bytes} bytes, "
@@ -247,7 +260,7 @@ class RedisStreamStore:
     def _append(self, stream_id: str, data: str, name: str | None, *, finish: bool) -> int:
         b = self.bounds
         event_id = int(self._run("append", stream_id, stream_id, data, name or "", int(finish),
-                                 b.max_events, b.max_bytes, b.total_bytes, self._ttl_ms))
+                                 b.max_events, b.max_bytes, b.total_bytes, self._lease_ms, self._retention_ms))
         if event_id == -1:
             raise StreamGone(f"no stream {stream_id!r}: unknown, expired or deleted")
         if event_id == -2:
@@ -294,7 +307,7 @@ class RedisStreamStore:
         if not ids:
             return
         per_stream = [key for sid in ids for key in self._keys(sid)[:2]]
-        self._run("keep", "", self._ttl_ms, *ids, keys=per_stream)
+        self._run("keep", "", self._lease_ms, self._retention_ms, *ids, keys=per_stream)
 
     def close(self) -> None:
         self._redis.close()

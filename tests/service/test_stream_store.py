@@ -332,3 +332,21 @@ def test_redis_unreachable_is_store_unavailable_without_the_password():  # no se
         assert "unreachable" in refused.value.message and "hunter2" not in refused.value.message
         assert refused.value.code == "stream_store_unavailable"
     down.close()
+
+
+def test_redis_a_running_stream_nobody_renews_expires_after_its_lease(redis_stores, monkeypatch):
+    from service import redis_stream_store
+
+    monkeypatch.setattr(redis_stream_store, "RUNNING_LEASE_S", 0.3)
+    store = redis_stores(retention_s=60)
+    for name in ("kept", "orphan", "done"):
+        store.create(name)
+    store.finish("done", "[DONE]", "done")
+    for _ in range(4):  # 0.8 s: past the lease, far from the retention
+        time.sleep(0.2)
+        store.keep(["kept"])
+    with pytest.raises(StreamGone):  # its replica died: its readers learn it within the lease
+        store.read("orphan", 0)
+    assert store.read("done", 0).finished  # finished streams keep the retention time
+    assert store.read("kept", 0).last_id == 0
+    assert store.expire() == ["orphan"]
