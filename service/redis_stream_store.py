@@ -28,7 +28,6 @@ holds one connection and its greenlet, never the worker.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,7 +38,6 @@ from redis.retry import Retry
 
 from service.stream_store import Slice, StoreBounds, StoredEvent, StoreFull, StoreUnavailable, StreamGone
 
-log = logging.getLogger("rivulet.streams")
 
 # One wait blocks in Redis at most this long (the caller loops); the socket timeout stays above it.
 MAX_BLOCK_S = 5.0

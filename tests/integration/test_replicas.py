@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import json
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
