@@ -38,7 +38,6 @@ from redis.retry import Retry
 
 from service.stream_store import Slice, StoreBounds, StoredEvent, StoreFull, StoreUnavailable, StreamGone
 
-
 # One wait blocks in Redis at most this long (the caller loops); the socket timeout stays above it.
 MAX_BLOCK_S = 5.0
 SOCKET_TIMEOUT_S = MAX_BLOCK_S + 5.0
