@@ -113,9 +113,14 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """The worker is exiting: stop the engine thread so a model package's finalize() runs."""
+    """The worker is exiting: let resumable streams read through other replicas end (within the grace
+    time: the drain ends them before it runs out), then stop the engine thread so a model package's
+    finalize() runs."""
     from service.lifecycle import on_worker_exit
+    from service.routes_streams import wait_for_stream_work
 
+    if getattr(worker, "wsgi", None) is not None:
+        wait_for_stream_work(worker.wsgi, timeout=float(worker.cfg.graceful_timeout))
     on_worker_exit(worker)
 
 

@@ -12,7 +12,15 @@ Lifetimes:
 - ``cancel`` (DELETE) aborts the job and forgets the stream at once; its readers end with a
   ``cancelled`` error event and ``[DONE]``.
 - Finished streams are forgotten by the store after its retention time; a sweeper greenlet runs while
-  this worker has streams, expiring them and enforcing the grace time.
+  this worker has streams, expiring them, enforcing the grace time and telling the store which streams'
+  work still runs here.
+
+With a shared store (Redis) the stream may be read and cancelled through another replica: readers
+there refresh the same presence, so the grace time counts readers on every replica, and a cancel there
+deletes the stream, which this worker's pump finds at its next append (or the sweep within a second,
+while the work waits in the queue) and aborts the work.
+The store unreachable: ``open`` raises ``StoreUnavailable`` (503), ``follow`` raises it to its route,
+and a pump that cannot append aborts its work (nobody could read it).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import gevent
 from service import sse
 from service.errors import stream_error_payload
 from service.jobs import DONE, HEARTBEAT, Job
-from service.stream_store import StoredEvent, StreamGone, StreamStore
+from service.stream_store import StoredEvent, StoreUnavailable, StreamGone, StreamStore
 
 log = logging.getLogger("rivulet.streams")
 
@@ -109,6 +117,13 @@ class ResumableStreams:
             pump.job.abort("cancelled")
         return self.store.delete(stream_id)
 
+    def wait_for_work(self, timeout: float) -> int:
+        """Block until every stream's work in this worker has ended (finished, or ended by the engine's
+        shutdown) and its last events are stored, or ``timeout`` passed. -> how many still run."""
+        gevent.joinall([p.greenlet for p in list(self._pumps.values()) if p.greenlet is not None],
+                       timeout=timeout)
+        return len(self._pumps)
+
     def _pump(self, stream_id: str, job: Job) -> None:
         try:
             for payload in job:
@@ -120,6 +135,8 @@ class ResumableStreams:
                 self.store.append(stream_id, sse.encode_json(payload))
         except StreamGone:
             pass  # deleted or expired while running: nobody can read it, so the work stops (finally)
+        except StoreUnavailable as exc:
+            log.warning("stream %s: cancelled, the store is unreachable: %s", stream_id, exc.message)
         except Exception as exc:  # a bug here must still end the stream for its readers
             log.exception("stream %s: pumping failed", stream_id)
             with contextlib.suppress(StreamGone, ValueError):
@@ -133,7 +150,8 @@ class ResumableStreams:
 
     def follow(self, stream_id: str, after: int) -> Iterator[ReaderItem]:
         """One reader's items: stored events after ``after`` in order, HEARTBEAT when quiet for
-        ``heartbeat_s``, and at the end possibly one of Gap, GONE or DROPPED. Ends after the last event."""
+        ``heartbeat_s``, and at the end possibly one of Gap, GONE or DROPPED. Ends after the last event.
+        Raises StoreUnavailable when the store cannot be reached."""
         reader = _Reader()
         self._readers.setdefault(stream_id, set()).add(reader)
         # Waits are cut into slices so a connected reader's presence never looks older than the grace.
@@ -193,13 +211,23 @@ class ResumableStreams:
             self._sweeper = gevent.spawn(self._sweep_while_needed)
 
     def _sweep_while_needed(self) -> None:
-        while self._pumps or len(self.store):
+        while self._pumps or self._store_has_streams():
             gevent.sleep(SWEEP_INTERVAL_S)
-            self.sweep()
+            try:
+                self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("stream upkeep skipped: %s", exc.message)
+
+    def _store_has_streams(self) -> bool:
+        try:
+            return len(self.store) > 0
+        except StoreUnavailable:
+            return False  # the next open() (which needs the store back) starts the sweeper again
 
     def sweep(self) -> None:
         """Forget expired streams; cancel running ones that nobody has read for the grace time."""
         self.store.expire()
+        self.store.keep(list(self._pumps))
         for stream_id, pump in list(self._pumps.items()):
             try:
                 idle = self.store.idle_s(stream_id)

@@ -9,30 +9,35 @@
   with ``data: [DONE]``. 204 once the last event was seen (EventSource stops), 404 when unknown,
   cancelled or expired. If the bounded buffer dropped events the reader asks for, it gets an error
   event (``code: stream_events_dropped``) and ``done``: the stream cannot be resumed without a gap.
+  With a shared store (``RIVULET_STREAM_STORE=redis://...``) any replica serves any stream; the store
+  unreachable is a 503 before the stream starts, an error event (``stream_store_unavailable``) after.
 - ``DELETE /v1/streams/{id}`` (no key, same capability): cancels the work and forgets the stream; 204.
 - ``POST /v1/streams/{id}/drop-readers`` (only with RIVULET_TEST_HOOKS): ends the stream's open GET
   connections without their last event, as a network drop would, so tests can watch a resume.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 
 from models.errors import InvalidRequest, NotFound
 from service import sse
 from service.auth import public
+from service.errors import stream_error_payload
 from service.http import json_body, runtime
 from service.jobs import AUTO, CHAT, COMPLETION, DONE, HEARTBEAT, PACKAGE, start_job
 from service.metrics import Metrics
 from service.request_log import RequestRecord, current_record
 from service.responses import note_job
 from service.resumable import DONE_EVENT, DROPPED, GONE, Gap, ResumableStreams
-from service.stream_store import MemoryStreamStore, StoreBounds, StoredEvent, StreamGone
+from service.stream_store import StoreBounds, StoredEvent, StoreUnavailable, StreamGone, open_store
 
 bp = Blueprint("streams", __name__)
+log = logging.getLogger("rivulet.streams")
 
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 KINDS = {"chat": CHAT, "completion": COMPLETION, "package": PACKAGE}
@@ -44,7 +49,7 @@ def streams() -> ResumableStreams:
     found = current_app.extensions.get(_EXTENSION)
     if found is None:
         settings = runtime().settings
-        store = MemoryStreamStore(StoreBounds(
+        store = open_store(settings.stream_store, StoreBounds(
             max_events=settings.stream_max_events,
             max_bytes=settings.stream_max_bytes,
             total_bytes=settings.stream_total_bytes,
@@ -54,6 +59,19 @@ def streams() -> ResumableStreams:
                                  heartbeat_s=settings.heartbeat_s)
         current_app.extensions[_EXTENSION] = found
     return found
+
+
+def wait_for_stream_work(app: Flask, timeout: float) -> None:
+    """At worker exit: with a shared store, let this worker's resumable streams finish (or end with the
+    engine's shutdown event) and store their last events, up to ``timeout``. Their readers may be on
+    other replicas, so no open connection here holds the worker for them as it does for direct streams.
+    With the memory store nobody could read them after the exit: nothing to wait for."""
+    found: ResumableStreams | None = app.extensions.get(_EXTENSION)
+    if found is None or found.store.backend == "memory":
+        return
+    left = found.wait_for_work(timeout)
+    if left:
+        log.warning("%d resumable streams still running at exit: their readers will find them expired", left)
 
 
 def _kind(body: Any) -> str:
@@ -128,6 +146,9 @@ def _frames(resumable: ResumableStreams, stream_id: str, after: int, record: Req
                         "message": "the stream was cancelled", "type": "cancelled", "code": "cancelled"}})
                 elif item is DROPPED:
                     return  # end the connection mid-stream: the client reconnects with Last-Event-ID
+        except StoreUnavailable as exc:
+            # The events are not lost (they are in the store): the reader may resume from here later.
+            yield from _final(after, stream_error_payload(exc))
         finally:
             if job is not None:
                 note_job(record, job)

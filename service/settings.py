@@ -18,6 +18,7 @@ ENV_PREFIX = "RIVULET_"
 MiB = 1024 * 1024
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+_STORE_URL = re.compile(r"(redis|rediss|unix)://\S+")
 
 
 class SettingsError(ValueError):
@@ -82,6 +83,9 @@ class Settings(BaseModel):
     stream_max_events: int = Field(4096, ge=1)
     stream_max_bytes: int = Field(4 * MiB, ge=1)
     stream_total_bytes: int = Field(256 * MiB, ge=1)
+    # Where resumable streams live: empty (or "memory") = this worker's memory, read only through it;
+    # redis://host:6379/0 (or rediss://, unix://) = Redis, shared by every replica behind a balancer.
+    stream_store: str = ""
 
     # --- tests ---
     # Enables test-only routes (e.g. forcing a stream's connection to drop). Never in production.
@@ -92,6 +96,14 @@ class Settings(BaseModel):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("stream_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        value = value.strip()
+        if value not in ("", "memory") and not _STORE_URL.match(value):
+            raise ValueError("expected memory or a redis://host:port/db (rediss://, unix://) URL")
         return value
 
     @field_validator("device")

@@ -6,8 +6,9 @@ last id they saw and wait for more. ``finish`` appends the last event and marks 
 a finished stream is kept ``retention_s`` and then forgotten, as is a deleted one at once.
 
 ``StreamStore`` is the narrow interface the routes use; ``MemoryStreamStore`` keeps everything in the
-worker process (enough for one worker: a stream must be read from the worker that runs it). A
-Redis-backed store for several replicas implements the same methods.
+worker process (enough for one worker: a stream must be read from the worker that runs it).
+``service.redis_stream_store.RedisStreamStore`` implements the same methods in Redis, for several
+replicas; ``open_store`` picks one from ``RIVULET_STREAM_STORE``.
 
 Bounds, and what happens at them (the choice is deliberate: a live generation is never refused an
 event, and a reader that keeps up never loses one):
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Callable, Protocol
 
 import gevent.event
 
-from models.errors import NotFound, QueueFull
+from models.errors import EngineUnavailable, NotFound, QueueFull
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,15 @@ class StoreFull(QueueFull):
     code = "stream_store_full"
 
 
+class StoreUnavailable(EngineUnavailable):
+    """The shared store (Redis) cannot be reached: no resumable stream can start or be read (a 503)."""
+
+    code = "stream_store_unavailable"
+
+
 class StreamStore(Protocol):
     bounds: StoreBounds
+    backend: str  # "memory", "redis": for /ready
 
     def create(self, stream_id: str) -> None:
         """Open an empty stream. Raises StoreFull at the total bound."""
@@ -94,6 +103,13 @@ class StreamStore(Protocol):
 
     def expire(self) -> list[str]:
         """Forget finished streams older than the retention time. -> their ids."""
+
+    def keep(self, stream_ids: Iterable[str]) -> None:
+        """These streams' work still runs here: do not let them expire (a shared store expires a
+        running stream whose replica stopped renewing it)."""
+
+    def ping(self) -> None:
+        """Raises StoreUnavailable when the store cannot be reached."""
 
     def total_bytes(self) -> int: ...
 
@@ -144,6 +160,8 @@ class _Stream:
 
 class MemoryStreamStore:
     """Streams in this worker's memory. Greenlet-safe: no method yields to the hub except ``wait``."""
+
+    backend = "memory"
 
     def __init__(self, bounds: StoreBounds, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.bounds = bounds
@@ -218,6 +236,12 @@ class MemoryStreamStore:
         stream.notify()  # a waiting reader wakes up and finds the stream gone
         return True
 
+    def keep(self, stream_ids: Iterable[str]) -> None:
+        pass  # running streams never expire here
+
+    def ping(self) -> None:
+        pass  # this process's memory is always there
+
     def expire(self) -> list[str]:
         cutoff = self._clock() - self.bounds.retention_s
         old = [sid for sid, s in self._streams.items()
@@ -242,3 +266,13 @@ class MemoryStreamStore:
             stream.kept > b.max_events or stream.bytes > b.max_bytes or self._total > b.total_bytes
         ):
             self._total -= stream.drop_oldest()
+
+
+def open_store(url: str, bounds: StoreBounds) -> StreamStore:
+    """The store ``RIVULET_STREAM_STORE`` names: empty or ``memory`` for this worker's memory, a
+    ``redis://``, ``rediss://`` or ``unix://`` URL for Redis (imported only then)."""
+    if url in ("", "memory"):
+        return MemoryStreamStore(bounds)
+    from service.redis_stream_store import RedisStreamStore
+
+    return RedisStreamStore(url, bounds)

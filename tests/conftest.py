@@ -86,6 +86,17 @@ def _wait_until_ready(runtime, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="session")
+def redis_service(tmp_path_factory) -> Iterator[Any]:
+    """A real redis-server on a free loopback port for the session (tests keep apart by key prefix)."""
+    from tests.redis_server import redis_server, redis_server_binary
+
+    if redis_server_binary() is None:
+        missing_tool("redis-server is not installed (apt-get install redis-server)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def demo_server(tmp_path_factory) -> Iterator[LiveServer]:
     with live_server(DEMO_SERVER_ENV, log_dir=tmp_path_factory.mktemp("demo-server")) as server:
         yield server

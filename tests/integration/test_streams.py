@@ -1,6 +1,7 @@
 """Resumable streams under the real server (gunicorn + gevent worker, the demo model): resume after a
 disconnect without loss or repetition, 204 after the end, 404 when unknown or expired, DELETE cancelling
-the engine's work, CORS, and the request checks."""
+the engine's work, CORS, and the request checks. Every test runs twice: with the streams in the
+worker's memory (the default) and in Redis (RIVULET_STREAM_STORE, a real redis-server)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ALLOWED_ORIGIN, API_KEY
-from tests.live_server import LiveServer
+from tests.integration.conftest import ALLOWED_ORIGIN, API_KEY, STREAMS_SERVER_ENV
+from tests.live_server import LiveServer, live_server
 
 AUTH = {"X-Auth-Token": API_KEY}
 WAIT_S = 30  # bound on waits for things that take a second or two; never asserted on
@@ -23,6 +24,18 @@ LONG = 200  # tokens: a generation that lasts a second or more on a CPU, so a di
 def chat_body(max_tokens: int = 32, **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": "Tell me a fortune."}], "max_tokens": max_tokens,
             "temperature": 0, **extra}
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def streams_server(request, streams_server, tmp_path_factory) -> LiveServer:
+    """The session's server (memory store), then one like it with its streams in Redis."""
+    if request.param == "memory":
+        yield streams_server
+        return
+    store = request.getfixturevalue("redis_service")
+    env = {**STREAMS_SERVER_ENV, "RIVULET_STREAM_STORE": store.url}
+    with live_server(env, log_dir=tmp_path_factory.mktemp("streams-server-redis")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -210,3 +210,12 @@ def test_a_full_store_refuses_before_any_work_starts():
     with pytest.raises(StoreFull):
         streams.open(lambda: started.append(1) or FakeJob())
     assert started == []
+
+
+def test_wait_for_work_returns_once_every_pump_has_stored_its_last_event():
+    streams = make()
+    stream_id, job = start(streams)
+    assert streams.wait_for_work(timeout=0.05) == 1  # still running: the wait gives up
+    gevent.spawn_later(0.05, job.feed, chunk("a"), DONE)
+    assert streams.wait_for_work(timeout=10) == 0
+    assert streams.store.read(stream_id, 0).finished
