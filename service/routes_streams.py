@@ -27,7 +27,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, url
 from models.errors import InvalidRequest, NotFound
 from service import sse
 from service.auth import public
-from service.errors import stream_error_payload
+from service.errors import cancelled_payload, stream_error_payload
 from service.http import json_body, runtime
 from service.jobs import AUTO, CHAT, COMPLETION, DONE, HEARTBEAT, PACKAGE, start_job
 from service.metrics import Metrics
@@ -142,8 +142,7 @@ def _frames(resumable: ResumableStreams, stream_id: str, after: int, record: Req
                 elif isinstance(item, Gap):
                     yield from _final(after, _gap_payload(item, resumable))
                 elif item is GONE:
-                    yield from _final(after, {"error": {
-                        "message": "the stream was cancelled", "type": "cancelled", "code": "cancelled"}})
+                    yield from _final(after, cancelled_payload())
                 elif item is DROPPED:
                     return  # end the connection mid-stream: the client reconnects with Last-Event-ID
         except StoreUnavailable as exc:

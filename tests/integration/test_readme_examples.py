@@ -103,6 +103,13 @@ NOT_RUN_HERE = {
     "from huaweicloudsdkcore.auth.credentials import BasicCredentials":
         "test_signed_auth.py runs this block against a server with its AK/SK in a key file",
     "kind: Secret": "a Kubernetes manifest: test_deploy.py validates deploy/kubernetes, which mounts the same way",
+    "RIVULET_STREAM_STORE=redis://redis-host:6379/0 gunicorn":
+        "needs a Redis host: test_replicas.py starts the same command against a real redis-server",
+    "RIVULET_API_KEYS=my-secret docker compose up --build":
+        "needs a Docker engine: test_deploy_compose.py checks the compose file and nginx config together",
+    "redis-server --port 6379 --save '' --appendonly no &":
+        "test_replicas.py runs this set-up (redis-server, two gunicorns, nginx) on free loopback ports",
+    "apt-get install -y redis-server nginx    # .ci/run installs them": "the test command for this section",
     "kubectl apply -k deploy/kubernetes": "needs a Kubernetes cluster: test_deploy.py validates the manifests",
     "const r = await fetch(": "JavaScript for a page: the demo page (test_browser.py) makes the same calls",
     "npx newman run": "test_postman.py runs the same collection with newman",
