@@ -30,14 +30,21 @@ from typing import Callable, Protocol
 import gevent.event
 
 from models.errors import EngineUnavailable, NotFound, QueueFull
+from service.settings import Settings
+
+
+def _default(setting: str) -> object:
+    return Settings.model_fields[setting].default
 
 
 @dataclass(frozen=True)
 class StoreBounds:
-    max_events: int = 4096  # per stream (RIVULET_STREAM_MAX_EVENTS)
-    max_bytes: int = 4 * 1024 * 1024  # per stream (RIVULET_STREAM_MAX_BYTES)
-    total_bytes: int = 256 * 1024 * 1024  # all streams together (RIVULET_STREAM_TOTAL_BYTES)
-    retention_s: float = 300.0  # how long a finished stream stays readable (RIVULET_STREAM_RETENTION_S)
+    """The replay buffer's bounds; the defaults are the settings' (service/settings.py defines them once)."""
+
+    max_events: int = _default("stream_max_events")  # per stream (RIVULET_STREAM_MAX_EVENTS)
+    max_bytes: int = _default("stream_max_bytes")  # per stream (RIVULET_STREAM_MAX_BYTES)
+    total_bytes: int = _default("stream_total_bytes")  # all streams together (RIVULET_STREAM_TOTAL_BYTES)
+    retention_s: float = _default("stream_retention_s")  # finished streams kept (RIVULET_STREAM_RETENTION_S)
 
 
 @dataclass(frozen=True, slots=True)
