@@ -23,7 +23,7 @@ NEWMAN_DIR = Path(os.environ.get("RIVULET_NEWMAN_DIR", Path.home() / ".cache" / 
 NEWMAN = NEWMAN_DIR / "node_modules" / ".bin" / "newman"
 # Routes a user has no business calling: the test hook, and Flask's static folder (the page's own files
 # are served by routes of their own).
-NOT_FOR_USERS = {"streams.drop_readers", "static"}
+NOT_FOR_USERS = {"streams.drop_readers", "test_hooks.engine_fault", "static"}
 
 
 def requests_of(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
