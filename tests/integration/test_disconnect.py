@@ -52,9 +52,9 @@ def wait_until_running(server, count: int, timeout: float = 60.0) -> float:
     return time.monotonic()
 
 
-def hang_up_beside_an_observer(server, socks: list) -> list[float]:
+def hang_up_beside_an_observer(server, socks: list) -> None:
     """Start the observer beside the running ``socks``, close them once it has its first token, and
-    check they left the batch with most of the observer's generation still to come. -> its arrivals."""
+    check they left the batch with most of the observer's generation still to come."""
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         observer = pool.submit(observe, server, started)
@@ -69,7 +69,6 @@ def hang_up_beside_an_observer(server, socks: list) -> list[float]:
     # only a few tokens; stopped at once, it has almost all of its MAX_TOKENS still to generate.
     assert still_to_come > MAX_TOKENS // 2, f"the aborted requests ran on: {still_to_come} tokens were left"
     assert wait_for_metric(server, "rivulet_requests_running", 0) == 0
-    return arrivals
 
 
 def logged(server, request_ids: list[str], timeout: float = 10.0) -> list[dict]:
@@ -92,6 +91,7 @@ def assert_cancelled_early(server, request_ids: list[str], status: int) -> None:
 
 
 def test_eight_clients_hang_up_mid_stream(demo_server):
+    assert wait_for_metric(demo_server, "rivulet_requests_running", 0) == 0  # the batch is ours alone
     cancelled_before = metric(demo_server, "rivulet_requests_cancelled_total")
     ids = [uuid.uuid4().hex for _ in range(CLIENTS)]
     socks = [send_request(demo_server, "/v1/chat/completions", LONG, {"X-Request-Id": i}) for i in ids]
@@ -112,6 +112,7 @@ def test_eight_clients_hang_up_mid_stream(demo_server):
 def test_non_streaming_clients_that_hang_up_are_cancelled_too(demo_server):
     """A non-streaming request writes nothing until its end, so no failed write reveals a gone client:
     the server looks at the socket itself, and the work stops at the next token."""
+    assert wait_for_metric(demo_server, "rivulet_requests_running", 0) == 0
     cancelled_before = metric(demo_server, "rivulet_requests_cancelled_total")
     ids = [uuid.uuid4().hex for _ in range(CLIENTS)]
     socks = [send_request(demo_server, "/v1/chat/completions", {**LONG, "stream": False}, {"X-Request-Id": i})

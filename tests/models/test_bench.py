@@ -15,10 +15,16 @@ from models.checkpoint import load_model
 
 
 def table_rows(out: str, first_header: str) -> list[list[str]]:
-    """The rows printed under the header line that starts with ``first_header``, split on whitespace."""
+    """The rows printed under the header line that starts with ``first_header`` (up to the first line
+    that does not start with a number), split on whitespace."""
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
-    return [line.split() for line in lines[header + 1:] if line.strip()]
+    rows = []
+    for line in lines[header + 1:]:
+        if not line.split() or not line.split()[0].isdigit():
+            break
+        rows.append(line.split())
+    return rows
 
 
 def test_make_checkpoint_then_engine_bench(tmp_path, monkeypatch, capsys):
