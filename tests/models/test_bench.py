@@ -1,14 +1,30 @@
-"""The benchmark scripts still run (on the tiny preset, a few tokens): speed itself is bench/'s business."""
+"""The benchmark scripts still run (on the tiny preset, a few tokens) and print a table that adds up:
+speed itself is bench/'s business, but every row must have completed its requests in full, and each
+ratio must be what the printed speeds say."""
 from __future__ import annotations
 
 import sys
 
+import pytest
 import sentencepiece as spm
 import torch
 
 from bench import engine_bench
 from bench.make_checkpoint import write_random_checkpoint
 from models.checkpoint import load_model
+
+
+def table_rows(out: str, first_header: str) -> list[list[str]]:
+    """The rows printed under the header line that starts with ``first_header`` (up to the first line
+    that does not start with a number), split on whitespace."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    rows = []
+    for line in lines[header + 1:]:
+        if not line.split() or not line.split()[0].isdigit():
+            break
+        rows.append(line.split())
+    return rows
 
 
 def test_make_checkpoint_then_engine_bench(tmp_path, monkeypatch, capsys):
@@ -18,9 +34,19 @@ def test_make_checkpoint_then_engine_bench(tmp_path, monkeypatch, capsys):
     tokenizer = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     assert tokenizer.vocab_size() == model.config.vocab_size  # every sampled id decodes
 
-    monkeypatch.setattr(sys, "argv", ["engine_bench", str(tmp_path), "--batches", "1,3", "--tokens", "4",
-                                      "--repeat", "1", "--threads", "1"])
-    engine_bench.main()
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[-2].split()[:2] == ["1", "4"] and lines[-1].split()[:2] == ["3", "12"]
-    assert lines[-2].endswith("1.0x")
+    tokens_each = 4
+    monkeypatch.setattr(sys, "argv", ["engine_bench", str(tmp_path), "--batches", "1,3", "--tokens",
+                                      str(tokens_each), "--repeat", "1", "--threads", "1"])
+    engine_bench.main()  # exits when a request fails or does not end by its length
+    rows = table_rows(capsys.readouterr().out, "batch")
+    assert [int(row[0]) for row in rows] == [1, 3]
+    # Every request of a batch generated exactly --tokens tokens.
+    assert [int(row[1]) for row in rows] == [1 * tokens_each, 3 * tokens_each]
+    speeds = [float(row[3]) for row in rows]
+    assert all(speed > 0 for speed in speeds)
+    for row, speed in zip(rows, speeds):
+        # tokens/s is tokens over seconds, within the printed rounding (seconds to 0.01, tokens/s to 0.1).
+        assert int(row[1]) / speed == pytest.approx(float(row[2]), abs=0.005 + int(row[1]) * 0.05 / speed**2)
+        # The ratio column is this row's tokens/s over the first row's, to the printed 0.1.
+        assert row[4].endswith("x")
+        assert float(row[4][:-1]) == pytest.approx(speed / speeds[0], rel=0.001, abs=0.051)

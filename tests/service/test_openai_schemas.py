@@ -135,9 +135,13 @@ def test_logprobs_reach_the_engine_as_the_number_of_alternatives():
 
 def test_unused_features_left_at_their_off_values_are_accepted():
     """What SDKs and Postman collections send by default must not be refused."""
-    parse(ChatRequest, {**CHAT, "logprobs": False, "top_logprobs": None, "n": 1})
-    parse(CompletionRequest, {"prompt": "x", "logprobs": None, "echo": False, "best_of": 1})
-    parse(CompletionRequest, {"prompt": "x", "logprobs": 0})
+    for top_logprobs in (None, 0):
+        chat = parse(ChatRequest, {**CHAT, "logprobs": False, "top_logprobs": top_logprobs, "n": 1})
+        assert chat.sampling(4).logprobs is None
+    completion = parse(CompletionRequest, {"prompt": "x", "logprobs": None, "echo": False, "best_of": 1})
+    assert completion.single_prompt() == "x" and completion.sampling(4).logprobs is None
+    # logprobs: 0 is not "off" for completions: the sampled token's own logprob, no alternatives.
+    assert parse(CompletionRequest, {"prompt": "x", "logprobs": 0}).sampling(4).logprobs == 0
 
 
 @pytest.mark.parametrize("body", [None, [], "text", 3])
