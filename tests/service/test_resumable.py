@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import gevent
 import gevent.queue
@@ -51,8 +52,9 @@ def chunk(text: str) -> dict:
 
 def make(**kwargs) -> ResumableStreams:
     bounds = kwargs.pop("bounds", StoreBounds())
+    clock = kwargs.pop("clock", time.monotonic)
     options = {"reader_grace_s": 30.0, "heartbeat_s": 15.0, **kwargs}
-    return ResumableStreams(MemoryStreamStore(bounds), **options)
+    return ResumableStreams(MemoryStreamStore(bounds, clock=clock), **options)
 
 
 def start(streams: ResumableStreams) -> tuple[str, FakeJob]:
@@ -104,10 +106,16 @@ def test_payloads_are_stored_as_single_line_json():
 
 
 def test_a_stream_nobody_reads_for_the_grace_time_is_cancelled():
-    streams = make(reader_grace_s=0.05)
+    now = [1000.0]
+    streams = make(reader_grace_s=30.0, clock=lambda: now[0])  # the store's clock: no real waiting
     stream_id, job = start(streams)
     job.feed(chunk("a"))
-    gevent.sleep(0.1)
+    settle()
+    now[0] += 29.0
+    streams.sweep()
+    settle()
+    assert job.aborted is None  # within the grace time
+    now[0] += 2.0
     streams.sweep()
     settle()
     assert job.aborted == "cancelled"
