@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import _socket
 import socket
+from collections.abc import Callable
 from typing import Any
 
+import gevent
 from flask import request
 
 
@@ -45,3 +47,38 @@ def socket_closed(sock: Any) -> bool:
 def client_gone() -> bool:
     """Has the client of the current request hung up? (For use inside a request context.)"""
     return socket_closed(client_socket())
+
+
+def on_hang_up(sock: Any, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` on the hub as soon as the client closes ``sock``, without waiting for a write.
+    -> a function that stops watching (call it when the response ends).
+
+    A stream still queued has nothing to write until its heartbeat (RIVULET_HEARTBEAT_S, 15 s): the event
+    loop's read watcher on its socket notices the close at once, and costs nothing while the client
+    stays. The socket turns readable only on a close or a pipelined request; either way the watcher
+    looks once and stops (data is left for the writes to sort out, so it never spins).
+    """
+    if sock is None or sock.fileno() < 0:
+        return _nothing
+    watcher = gevent.get_hub().loop.io(sock.fileno(), _READ)
+    watcher.ref = False  # it must not keep an idle worker's loop alive
+
+    def readable() -> None:
+        watcher.stop()
+        if socket_closed(sock):
+            callback()
+
+    watcher.start(readable)
+
+    def stop() -> None:
+        watcher.stop()
+        watcher.close()
+
+    return stop
+
+
+def _nothing() -> None:
+    pass
+
+
+_READ = 1  # libev's EV_READ

@@ -10,7 +10,7 @@ from models.api import CANCELLED
 from models.errors import RivuletError
 from service import sse
 from service.answers import collect
-from service.client_socket import client_gone, client_socket, socket_closed
+from service.client_socket import client_gone, client_socket, on_hang_up, socket_closed
 from service.errors import stream_error_payload
 from service.http import runtime
 from service.jobs import DONE, HEARTBEAT, Job
@@ -38,9 +38,10 @@ def note_job(record: RequestRecord, job: Job) -> None:
 
 def event_stream(job: Job) -> Response:
     """Send ``job`` as an event stream: ``retry:`` first, an ``id:`` on every event, ``: ping`` while quiet,
-    ``[DONE]`` last. A client that hangs up is seen before the next write (``socket_closed``), or makes
-    a write fail (gunicorn then closes this generator and ``GeneratorExit`` rises at its ``yield``);
-    either way ``finally`` aborts the engine's work.
+    ``[DONE]`` last. A client that hangs up is seen at once by the event loop (``on_hang_up``: the work is
+    aborted even while queued, with nothing to write), before the next write (``socket_closed``), or when
+    a write fails (gunicorn then closes this generator and ``GeneratorExit`` rises at its ``yield``);
+    whichever comes first, the engine drops the work before its next step.
     A bug while streaming still ends the stream properly (an internal_error event, then ``[DONE]``)."""
     record = current_record()
     metrics = runtime().metrics
@@ -48,6 +49,7 @@ def event_stream(job: Job) -> Response:
 
     def frames() -> Iterator[bytes]:
         ids = sse.EventIds()
+        stop_watching = on_hang_up(sock, job.close)
         with metrics.open_stream():
             try:
                 yield sse.retry()
@@ -66,6 +68,7 @@ def event_stream(job: Job) -> Response:
                     yield ids.event(stream_error_payload(RivuletError("internal server error")))
                     yield ids.event(DONE)
             finally:
+                stop_watching()
                 job.close()
                 note_job(record, job)
 

@@ -59,3 +59,38 @@ def test_a_connection_on_a_descriptor_past_1024_is_probed_like_any_other():
             assert socket_closed(high)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_hang_up_is_seen_by_the_event_loop_without_a_write():
+    import gevent
+
+    from service.client_socket import on_hang_up
+
+    ours, theirs = socket.socketpair()
+    calls = []
+    with ours:
+        stop = on_hang_up(ours, lambda: calls.append("gone"))
+        gevent.sleep(0.01)
+        assert calls == []  # an open, quiet client
+        theirs.close()
+        for _ in range(100):
+            if calls:
+                break
+            gevent.sleep(0.01)
+        stop()
+    assert calls == ["gone"]
+
+
+def test_a_pipelined_request_is_not_a_hang_up_and_is_looked_at_once():
+    import gevent
+
+    from service.client_socket import on_hang_up
+
+    ours, theirs = socket.socketpair()
+    calls = []
+    with ours, theirs:
+        stop = on_hang_up(ours, lambda: calls.append("gone"))
+        theirs.sendall(b"GET /health HTTP/1.1\r\n")
+        gevent.sleep(0.05)
+        stop()
+        assert calls == [] and ours.recv(64) == b"GET /health HTTP/1.1\r\n"
