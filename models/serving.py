@@ -20,10 +20,13 @@ from models.engine_loop import Backend
 from models.errors import InvalidRequest
 from models.llm_backend import LlamaBackend
 from models.package import PackageBackend, is_package_dir
+# What the web side needs to describe a package's inputs (its OpenAPI document): the schema type and bounds.
+from models.package_schema import INT64_MAX, INT64_MIN, KSERVE_ENVELOPE_KEYS, WIRE_DATATYPES, InputSchema
 from models.prompt_checks import prompt_error
 
 LLM, PACKAGE = "llm", "package"
-__all__ = ["Backend", "LLM", "PACKAGE", "ModelSpec", "ServedModel", "open_model", "prompt_error", "resolve_device"]
+__all__ = ["Backend", "INT64_MAX", "INT64_MIN", "InputSchema", "KSERVE_ENVELOPE_KEYS", "LLM", "PACKAGE", "ModelSpec",
+           "ServedModel", "WIRE_DATATYPES", "open_model", "prompt_error", "resolve_device"]
 
 
 @dataclass(frozen=True)

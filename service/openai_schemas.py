@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from models.api import SamplingParams
 from models.errors import InvalidRequest
-from models.package_schema import INT64_MAX, INT64_MIN
+from models.serving import INT64_MAX, INT64_MIN
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (vLLM's default too)

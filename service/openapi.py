@@ -17,7 +17,7 @@ from flask import Flask
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from models.package_schema import INT64_MAX, INT64_MIN, KSERVE_ENVELOPE_KEYS, WIRE_DATATYPES, InputSchema
+from models.serving import INT64_MAX, INT64_MIN, KSERVE_ENVELOPE_KEYS, WIRE_DATATYPES, InputSchema
 from service.auth import is_public
 from service.openai_schemas import ChatRequest, CompletionRequest
 from service.openapi_responses import (
