@@ -11,22 +11,17 @@ import time
 import pytest
 
 from bench.stream_swarm import Swarm
+from bench.streams_bench import holding_body, server_env
 from service.limits import SPARE_FILES, raise_open_files_limit
-from tests.live_server import ROOT, live_server
+from tests.live_server import live_server
 from tests.sse_client import DONE, events_from_bytes, payloads
 
 STREAMS = 3000
+HEARTBEAT_S = 1
 TIMEOUT_S = 20  # long enough for all 3,000 to connect and get a ping before the first ones end
-# Fifteen words, 2 s apart (28 s): the first request holds the package past its time limit, so every
-# stream ends the same way (a timeout error event, then [DONE]) and each is quiet long enough to be pinged.
-BODY = {"prompt": " ".join(f"word{i}" for i in range(15)), "delay_ms": 2000}
-SERVER_ENV = {
-    "RIVULET_MODEL": str(ROOT / "models" / "packages" / "words"),
-    "RIVULET_DEVICE": "cpu",
-    "RIVULET_HEARTBEAT_S": "1",
-    "RIVULET_MAX_WAITING": str(STREAMS + 100),
-    "RIVULET_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
-}
+# The first request holds the package past its time limit, so every stream ends the same way (a timeout
+# error event, then [DONE]) and each is quiet long enough to be pinged.
+BODY = holding_body(TIMEOUT_S)
 
 
 def test_one_worker_holds_3000_streams_with_heartbeats_and_an_end_for_each(tmp_path):
@@ -34,7 +29,7 @@ def test_one_worker_holds_3000_streams_with_heartbeats_and_an_end_for_each(tmp_p
     if raise_open_files_limit(STREAMS)[1] < STREAMS + SPARE_FILES:
         pytest.skip(f"the hard limit on open files is below {STREAMS + SPARE_FILES}: this process cannot "
                     f"open {STREAMS} sockets (raise it with ulimit -Hn)")
-    with live_server(SERVER_ENV, log_dir=tmp_path) as server, \
+    with live_server(server_env(STREAMS, HEARTBEAT_S, TIMEOUT_S), log_dir=tmp_path) as server, \
             Swarm(server.url, "/v1/sse", lambda index: BODY) as swarm:
         swarm.open(STREAMS)
         all_pinged = swarm.pump(lambda: swarm.all_opened and swarm.count(lambda c: c.pinged) == STREAMS,
