@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -47,3 +48,28 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
         allowed = os.cpu_count() or 1
     limit = cgroup_cpu_limit(root)
     return min(allowed, limit) if limit is not None else allowed
+
+
+@dataclass
+class LoadAwareThreads:
+    """How many torch threads a step gets, from how many sequences it runs.
+
+    Under gevent the hub (sockets, SSE frames) shares the CPUs with the engine thread. While few streams
+    run the hub is nearly idle, and a step bound by reading the weights goes faster on every core; with
+    many streams the hub has an event per stream per step to send and keeps one core (``busy``).
+    Switching has hysteresis (all cores from ``few`` rows down, back at ``many`` up) so a batch that
+    hovers around one size does not flip thread counts every step.
+    """
+
+    idle: int  # threads while few rows run: every usable CPU
+    busy: int  # threads once many run: what the engine chose (CPUs - 1 by default)
+    few: int = 4
+    many: int = 8
+    current: int = 0
+
+    def threads_for(self, rows: int) -> int:
+        if rows <= self.few:
+            self.current = self.idle
+        elif rows >= self.many or not self.current:
+            self.current = self.busy
+        return self.current

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from models.api import TokenLogprob
+from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ContextLengthExceeded, InvalidRequest, ModelError, RivuletError
 from models.llama import Llama
 from models.sampling import make_generator, sample, token_logprobs
@@ -57,6 +58,13 @@ class LlamaRunner:
         # Positions per row: the model's context, or less (RIVULET_MAX_CONTEXT) to keep the cache small.
         self.max_seq = min(max_seq or model.config.max_position_embeddings, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq)
+        model.fuse_projections()
+        # Torch threads per step from the load, on CPU only. The engine has already set its thread count
+        # (CPUs - 1 by default) on this thread: that is the count for a busy step.
+        self.thread_policy: LoadAwareThreads | None = None
+        if self.device.type == "cpu":
+            self.thread_policy = LoadAwareThreads(idle=max(usable_cpus(), torch.get_num_threads()),
+                                                  busy=torch.get_num_threads())
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
 
@@ -82,6 +90,7 @@ class LlamaRunner:
             else:
                 seq.generator = make_generator(seq.params, self.device)
                 valid.append(seq)
+        self._set_threads(len(self.rows))
         for group in self._prefill_groups(valid):
             for result in self._prefill_group(group):
                 results[id(result.seq)] = result
@@ -127,15 +136,24 @@ class LlamaRunner:
         """One step for every running sequence, in row order."""
         if not self.rows:
             return []
+        self._set_threads(len(self.rows))
         # A row's newest token sits at the position after its cached ones.
         positions_list = list(self.cached)
         tokens = torch.tensor([s.last_token for s in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor(positions_list, dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, positions, max(positions_list) + 1)  # [B, V]
+        first, last = min(positions_list), max(positions_list)
+        logits = self.model.decode(tokens, positions, last + 1, ragged=first != last)  # [B, V]
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
         return step_results(rows, logits, sampled)
+
+    def _set_threads(self, rows: int) -> None:
+        if self.thread_policy is None:
+            return
+        threads = self.thread_policy.threads_for(rows)
+        if threads != torch.get_num_threads():  # process-wide, and only cheap when it changes nothing
+            torch.set_num_threads(threads)
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s row; the last row moves into the hole to keep rows compact."""
