@@ -6,9 +6,10 @@ import sys
 import sentencepiece as spm
 import torch
 
-from bench import engine_bench
+from bench import engine_bench, peer_bench
 from bench.make_checkpoint import write_random_checkpoint
 from models.checkpoint import load_model
+from tests.live_server import live_server
 
 
 def test_make_checkpoint_then_engine_bench(tmp_path, monkeypatch, capsys):
@@ -24,3 +25,21 @@ def test_make_checkpoint_then_engine_bench(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].split()[:2] == ["1", "4"] and lines[-1].split()[:2] == ["3", "12"]
     assert lines[-2].endswith("1.0x")
+
+
+def test_peer_bench_streams_every_token_from_each_server(tmp_path, capsys):
+    """Against the real server twice (standing in for two servers): every point streams all its tokens."""
+    with live_server({"RIVULET_DEVICE": "cpu"}, log_dir=tmp_path) as server:
+        peer_bench.main([server.url, server.url + "/", "--concurrency", "1,3", "--tokens", "5", "--rounds", "1",
+                         "--pause", "0"])
+    out = capsys.readouterr().out
+    assert "warning" not in out  # each point brought concurrency x tokens tokens
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert [row[:2] for row in rows] == [["1", "[0]"], ["1", "[1]"], ["3", "[0]"], ["3", "[1]"]]
+    assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (peer_bench.percentile(values, 50), peer_bench.percentile(values, 99)) == (50.0, 99.0)
+    assert peer_bench.percentile([3.0], 99) == 3.0

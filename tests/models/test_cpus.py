@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from models.cpus import cgroup_cpu_limit, usable_cpus
+from models.cpus import LoadAwareThreads, cgroup_cpu_limit, usable_cpus
 
 
 def write(root, name, text):
@@ -45,3 +45,9 @@ def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path):
     assert usable_cpus(tmp_path) == 1
     write(tmp_path, "cpu.max", f"{(affinity + 8) * 100000} 100000")  # a quota above the affinity
     assert usable_cpus(tmp_path) == affinity
+
+
+def test_load_aware_threads_switch_with_hysteresis():
+    policy = LoadAwareThreads(idle=2, busy=1, few=4, many=8)
+    assert [policy.threads_for(rows) for rows in (1, 4, 6, 7, 8, 7, 5, 4, 6)] == [2, 2, 2, 2, 1, 1, 1, 2, 2]
+    assert LoadAwareThreads(idle=2, busy=1).threads_for(6) == 1  # between the marks at first: busy
