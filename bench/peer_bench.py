@@ -47,6 +47,7 @@ class Point:
     ttft_s: list[float]
     gaps_s: list[float]
     client_cpu_s: float
+    failures: list[str]
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,12 +68,16 @@ def completion_tokens(event: dict) -> int | None:
     return usage.get("completion_tokens") if isinstance(usage, dict) else None
 
 
+class StreamFailed(Exception):
+    """A request answered with an error status or an error event: counted, not fatal to the run."""
+
+
 async def stream_one(client: httpx.AsyncClient, body: dict) -> StreamTiming:
     timing = StreamTiming(sent=time.perf_counter())
     events, usage_tokens = 0, None
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            raise StreamFailed(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -81,7 +86,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> StreamTiming:
                 break
             event = json.loads(data)
             if "error" in event:
-                raise RuntimeError(f"error event: {event['error']}")
+                raise StreamFailed(f"error event: {event['error']}")
             usage_tokens = completion_tokens(event) or usage_tokens
             if any(choice.get("text") for choice in event.get("choices") or ()):
                 timing.arrivals.append(time.perf_counter())
@@ -96,11 +101,17 @@ async def measure(url: str, model: str | None, concurrency: int, body: dict) -> 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as client:
         await stream_one(client, dict(body, max_tokens=2))  # warm the connection and the server
         cpu, start = time.process_time(), time.perf_counter()
-        timings = await asyncio.gather(*(stream_one(client, body) for _ in range(concurrency)))
+        outcomes = await asyncio.gather(*(stream_one(client, body) for _ in range(concurrency)),
+                                        return_exceptions=True)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    failures = [str(o) for o in outcomes if isinstance(o, StreamFailed)]
+    unexpected = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, StreamFailed)]
+    if unexpected:
+        raise unexpected[0]  # a connection error or a bug: nothing to measure
+    timings = [o for o in outcomes if isinstance(o, StreamTiming)]
     ttft = [t.arrivals[0] - t.sent for t in timings if t.arrivals]
     gaps = [b - a for t in timings for a, b in zip(t.arrivals, t.arrivals[1:])]
-    return Point(sum(t.tokens for t in timings), seconds, ttft, gaps, cpu)
+    return Point(sum(t.tokens for t in timings), seconds, ttft, gaps, cpu, failures)
 
 
 async def model_id(url: str) -> str | None:
@@ -141,7 +152,10 @@ async def run(args: argparse.Namespace) -> None:
             for url in order:
                 point = await measure(url, models[url], concurrency, body)
                 expected = concurrency * args.tokens
-                if point.tokens != expected:
+                if point.failures:
+                    print(f"  warning: [{urls.index(url)}] C={concurrency}: {len(point.failures)} requests failed, "
+                          f"the first: {point.failures[0]}")
+                elif point.tokens != expected:
                     print(f"  warning: [{urls.index(url)}] streamed {point.tokens} tokens, expected {expected}")
                 results.setdefault((url, concurrency), []).append(point)
                 await asyncio.sleep(args.pause)

@@ -123,9 +123,9 @@ class LlamaRunner:
         lengths_list = [len(s.request.prompt_ids) for s in group]
         width = max(lengths_list)
         padded = [s.request.prompt_ids + [0] * (width - len(s.request.prompt_ids)) for s in group]
-        tokens = torch.tensor(padded, dtype=torch.long, device=self.device)  # [N, T]
-        rows = torch.tensor([s.row for s in group], dtype=torch.long, device=self.device)
-        lengths = torch.tensor(lengths_list, dtype=torch.long, device=self.device)
+        tokens = self._ids(padded)  # [N, T]
+        rows = self._ids([s.row for s in group])
+        lengths = self._ids(lengths_list)
         logits = self.model.prefill(tokens, rows, lengths)  # [N, V]
         for seq, length in zip(group, lengths_list):
             self.cached[seq.row] = length
@@ -139,14 +139,20 @@ class LlamaRunner:
         self._set_threads(len(self.rows))
         # A row's newest token sits at the position after its cached ones.
         positions_list = list(self.cached)
-        tokens = torch.tensor([s.last_token for s in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor(positions_list, dtype=torch.long, device=self.device)
+        tokens = self._ids([s.last_token for s in self.rows])
+        positions = self._ids(positions_list)
         first, last = min(positions_list), max(positions_list)
         logits = self.model.decode(tokens, positions, last + 1, ragged=first != last)  # [B, V]
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
         return step_results(rows, logits, sampled)
+
+    def _ids(self, values: list) -> torch.Tensor:
+        """A long tensor on the model's device. On CUDA it goes through pinned memory without a wait: the
+        step's only sync stays the read-back of the sampled tokens."""
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     def _set_threads(self, rows: int) -> None:
         if self.thread_policy is None:
