@@ -158,6 +158,8 @@ async def run(args: argparse.Namespace) -> None:
                 elif point.tokens != expected:
                     print(f"  warning: [{urls.index(url)}] streamed {point.tokens} tokens, expected {expected}")
                 results.setdefault((url, concurrency), []).append(point)
+                print(f"  C={concurrency} round {round_ + 1} [{urls.index(url)}]: {point.tokens_per_s:.1f} tok/s",
+                      flush=True)
                 await asyncio.sleep(args.pause)
     header = (f"{'C':>4} {'server':>6} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'p99':>8} "
               f"{'ITL p50':>8} {'p99':>7} {'client CPU':>10}")

@@ -78,6 +78,9 @@ class LlamaRunner:
         """
         if len(self.rows) + len(seqs) > self.max_batch:
             raise RuntimeError("no free cache row")  # the scheduler never admits past max_batch
+        # Threads from the streams already running: the hub serves those while the prompts compute (a
+        # burst of new requests into an idle server gets every core, which halves its time to first token).
+        self._set_threads(len(self.rows))
         results: dict[int, StepResult] = {}
         valid: list[Sequence] = []
         for seq in seqs:
@@ -90,7 +93,6 @@ class LlamaRunner:
             else:
                 seq.generator = make_generator(seq.params, self.device)
                 valid.append(seq)
-        self._set_threads(len(self.rows))
         for group in self._prefill_groups(valid):
             for result in self._prefill_group(group):
                 results[id(result.seq)] = result

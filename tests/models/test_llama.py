@@ -176,6 +176,8 @@ def test_runner_gives_few_streams_every_core_and_many_streams_one_less(model, mo
         runner.decode()
         assert calls == [3]  # set once, not again at the decode step
         many = [sequence([5, 6]) for _ in range(9)]
-        for result in runner.prefill(many):
+        for result in runner.prefill(many):  # a burst into a quiet runner: its prompts get every core
             result.seq.output_ids.append(result.token)
+        assert calls == [3]
+        runner.decode()  # ten streams now
         assert calls == [3, 1]
