@@ -73,6 +73,13 @@ class StreamFailed(Exception):
 
 
 async def stream_one(client: httpx.AsyncClient, body: dict) -> StreamTiming:
+    try:
+        return await read_stream(client, body)
+    except httpx.TransportError as exc:  # a reset or dropped connection: this request failed
+        raise StreamFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def read_stream(client: httpx.AsyncClient, body: dict) -> StreamTiming:
     timing = StreamTiming(sent=time.perf_counter())
     events, usage_tokens = 0, None
     async with client.stream("POST", "/v1/completions", json=body) as response:

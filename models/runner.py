@@ -10,6 +10,7 @@ position without appending a token, so only the runner knows how much of a row i
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,8 @@ class LlamaRunner:
             raise RuntimeError("no free cache row")  # the scheduler never admits past max_batch
         # Threads from the streams already running: the hub serves those while the prompts compute (a
         # burst of new requests into an idle server gets every core, which halves its time to first token).
-        self._set_threads(len(self.rows))
+        if self.thread_policy is not None:
+            self._set_threads(self.thread_policy.prefill_threads(len(self.rows)))
         results: dict[int, StepResult] = {}
         valid: list[Sequence] = []
         for seq in seqs:
@@ -138,7 +140,11 @@ class LlamaRunner:
         """One step for every running sequence, in row order."""
         if not self.rows:
             return []
-        self._set_threads(len(self.rows))
+        started = time.perf_counter()
+        threads = None
+        if self.thread_policy is not None:
+            threads = self.thread_policy.threads_for(len(self.rows))
+            self._set_threads(threads)
         # A row's newest token sits at the position after its cached ones.
         positions_list = list(self.cached)
         tokens = self._ids([s.last_token for s in self.rows])
@@ -148,6 +154,8 @@ class LlamaRunner:
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
+        if threads is not None:  # the sampled tokens are on the host: the step is over
+            self.thread_policy.record(len(rows), threads, time.perf_counter() - started)
         return step_results(rows, logits, sampled)
 
     def _ids(self, values: list) -> torch.Tensor:
@@ -156,10 +164,8 @@ class LlamaRunner:
         host = torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda")
         return host.to(self.device, non_blocking=True)
 
-    def _set_threads(self, rows: int) -> None:
-        if self.thread_policy is None:
-            return
-        threads = self.thread_policy.threads_for(rows)
+    @staticmethod
+    def _set_threads(threads: int) -> None:
         if threads != torch.get_num_threads():  # process-wide, and only cheap when it changes nothing
             torch.set_num_threads(threads)
 

@@ -163,21 +163,24 @@ def test_fused_projections_give_the_same_logits_and_keep_the_state_dict():
         torch.testing.assert_close(fused.decode(*step, ragged=False), expected, atol=ATOL, rtol=0)
 
 
-def test_runner_gives_few_streams_every_core_and_many_streams_one_less(model, monkeypatch):
-    calls = []
+def test_runner_sets_the_threads_its_policy_picks_and_reports_each_step(model, monkeypatch):
+    calls, recorded = [], []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 1)
     with torch.inference_mode():
         runner = LlamaRunner(model, max_batch=12)
-        runner.thread_policy.idle, runner.thread_policy.busy = 3, 1
+        policy = runner.thread_policy
+        policy.idle, policy.busy = 3, 1
+        monkeypatch.setattr(policy, "record", lambda rows, threads, seconds: recorded.append((rows, threads)))
         few = [sequence([3, 4])]
-        for result in runner.prefill(few):
-            result.seq.output_ids.append(result.token)
-        runner.decode()
-        assert calls == [3]  # set once, not again at the decode step
-        many = [sequence([5, 6]) for _ in range(9)]
-        for result in runner.prefill(many):  # a burst into a quiet runner: its prompts get every core
+        for result in runner.prefill(few):  # into an idle runner: batch 1's count
             result.seq.output_ids.append(result.token)
         assert calls == [3]
-        runner.decode()  # ten streams now
-        assert calls == [3, 1]
+        runner.decode()
+        assert calls == [3] and recorded == [(1, 3)]  # set once, not again at the decode step
+        many = [sequence([5, 6]) for _ in range(9)]
+        for result in runner.prefill(many):  # one stream running: still its count
+            result.seq.output_ids.append(result.token)
+        assert calls == [3]
+        runner.decode()  # ten streams now: the prior for many is one core less
+        assert calls == [3, 1] and recorded[-1] == (10, 1)
