@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from models.api import GenerationRequest, SamplingParams
 from models.checkpoint import load_model
+from models.cpus import usable_cpus
 from models.llm_backend import load_tokenizer
 import models.runner as runner_module
 from models.runner import LlamaRunner
@@ -51,6 +52,7 @@ def main() -> None:
     model = load_model(args.checkpoint, torch.device("cpu"))
     tokenizer = load_tokenizer(args.checkpoint)
     max_seq = args.prompt_tokens + 2 * args.steps + 8
+    torch.set_num_threads(max(1, usable_cpus() - 1))  # what the engine thread starts from
     runner = LlamaRunner(model, args.batch, max_seq)
     if args.threads:
         torch.set_num_threads(args.threads)

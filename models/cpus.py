@@ -82,6 +82,7 @@ class LoadAwareThreads:
     probe_steps: int = 3  # steps a try lasts; its first is not counted (threads wake up)
     first_probe: int = 16  # steps before the first try of the other count
     max_probe_every: int = 4096
+    hopeless: float = 4.0  # a try's step this many times slower than the kept count's ends the try
     buckets: dict[int, _Bucket] = field(default_factory=dict)
 
     def _bucket(self, rows: int) -> _Bucket:
@@ -117,10 +118,12 @@ class LoadAwareThreads:
             bucket.seconds[threads] = per_row if old is None else 0.8 * old + 0.2 * per_row
             return
         bucket.probe_samples.append(per_row)
-        if len(bucket.probe_samples) < self.probe_steps:
-            return
-        tried = min(bucket.probe_samples[1:])
         current = bucket.seconds.get(bucket.best, float("inf"))
+        # A first step several times slower is no wake-up cost: the cores are busy, end the try now.
+        hopeless = per_row > self.hopeless * current
+        if len(bucket.probe_samples) < self.probe_steps and not hopeless:
+            return
+        tried = min(bucket.probe_samples[1:], default=float("inf"))
         bucket.steps, bucket.probing = 0, None
         if tried < current:
             bucket.seconds[threads] = tried
