@@ -72,15 +72,16 @@ class LoadAwareThreads:
     core less (``busy``). But every core only pays on cores that are really free: on a machine shared
     with other busy processes, OpenMP threads wait for each other at every op and a step can take ten
     times longer. So the runner times its steps, and each batch-size range (1, 2-3, 4-7, ...) keeps the
-    thread count that measured fastest, trying the other one for a few steps now and then, less often
-    each time it loses (the cost of a bad try stays a few per cent).
+    thread count that measured fastest, trying the other one for a few steps now and then, four times
+    less often each time it loses (the cost of a bad try soon falls under a per cent). A new range starts
+    from what the nearest measured one found.
     """
 
     idle: int  # every usable CPU
     busy: int  # what the engine chose (CPUs - 1 by default)
     few: int = 4  # up to this many rows the first guess is ``idle``
     probe_steps: int = 3  # steps a try lasts; its first is not counted (threads wake up)
-    first_probe: int = 16  # steps before the first try of the other count
+    first_probe: int = 4  # steps before the first try of the other count
     max_probe_every: int = 4096
     hopeless: float = 4.0  # a try's step this many times slower than the kept count's ends the try
     buckets: dict[int, _Bucket] = field(default_factory=dict)
@@ -89,8 +90,13 @@ class LoadAwareThreads:
         key = rows.bit_length()
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = _Bucket(best=self.idle if rows <= self.few else self.busy,
-                                                 probe_every=self.first_probe)
+            # What the nearest measured range found says more than the prior: busy cores are busy for
+            # every batch size.
+            measured = [k for k, b in self.buckets.items() if b.seconds]
+            nearest = min(measured, key=lambda k: abs(k - key), default=None)
+            best = self.buckets[nearest].best if nearest is not None else (
+                self.idle if rows <= self.few else self.busy)
+            bucket = self.buckets[key] = _Bucket(best=best, probe_every=self.first_probe)
         return bucket
 
     def threads_for(self, rows: int) -> int:
@@ -104,8 +110,8 @@ class LoadAwareThreads:
         return bucket.probing if bucket.probing is not None else bucket.best
 
     def prefill_threads(self, rows: int) -> int:
-        """Threads for a prefill while ``rows`` rows run: their bucket's best, no try (an idle runner
-        goes by batch 1's: it tells whether the cores are really free)."""
+        """Threads for a prefill while ``rows`` rows run: their range's best, no try (an idle runner goes
+        by batch 1's: it tells whether the cores are really free)."""
         return self._bucket(max(rows, 1)).best
 
     def record(self, rows: int, threads: int, seconds: float) -> None:
@@ -129,4 +135,4 @@ class LoadAwareThreads:
             bucket.seconds[threads] = tried
             bucket.best, bucket.probe_every = threads, self.first_probe
         else:
-            bucket.probe_every = min(2 * bucket.probe_every, self.max_probe_every)
+            bucket.probe_every = min(4 * bucket.probe_every, self.max_probe_every)

@@ -67,13 +67,14 @@ def test_threads_start_from_the_load_then_keep_what_measures_faster():
     assert used == [1] * 5 + [2] * 3 + [2] * 5 + [1] * 3 + [2] * 4
 
 
-def test_a_losing_try_goes_back_and_waits_twice_as_long_before_the_next():
+def test_a_losing_try_goes_back_and_waits_four_times_as_long_before_the_next():
     policy = LoadAwareThreads(idle=2, busy=1, probe_steps=3, first_probe=5)
     # A busy machine: two OpenMP threads wait for each other, three times slower.
-    used = run_steps(policy, 1, 30, {1: 0.02, 2: 0.06}.get)
-    assert used == [2] * 5 + [1] * 3 + [1] * 5 + [2] * 3 + [1] * 10 + [2] * 3 + [1] * 1
+    used = run_steps(policy, 1, 40, {1: 0.02, 2: 0.06}.get)
+    assert used == [2] * 5 + [1] * 3 + [1] * 5 + [2] * 3 + [1] * 20 + [2] * 3 + [1] * 1
+    assert policy.threads_for(40) == 1  # a new range starts from what batch 1 found
     # Ten times slower: a try ends at its first step.
     policy = LoadAwareThreads(idle=2, busy=1, probe_steps=3, first_probe=5)
-    used = run_steps(policy, 1, 30, {1: 0.02, 2: 0.2}.get)
-    assert used == [2] * 5 + [1] * 3 + [1] * 5 + [2] + [1] * 10 + [2] + [1] * 5
+    used = run_steps(policy, 1, 40, {1: 0.02, 2: 0.2}.get)
+    assert used == [2] * 5 + [1] * 3 + [1] * 5 + [2] + [1] * 20 + [2] + [1] * 5
     assert policy.prefill_threads(0) == 1  # a burst into an idle runner goes by batch 1's finding
