@@ -5,6 +5,7 @@ import sys
 
 import sentencepiece as spm
 import torch
+from safetensors import safe_open
 
 from bench import engine_bench, peer_bench
 from bench.make_checkpoint import write_random_checkpoint
@@ -43,3 +44,11 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert (peer_bench.percentile(values, 50), peer_bench.percentile(values, 99)) == (50.0, 99.0)
     assert peer_bench.percentile([3.0], 99) == 3.0
+
+
+def test_make_checkpoint_in_bf16_with_a_smaller_tokenizer(tmp_path):
+    """What bench/gpu.sh asks for (bf16 weights, fewer tokenizer pieces than the vocabulary), on a tiny size."""
+    write_random_checkpoint("tiny-gqa", tmp_path, dtype=torch.bfloat16, tokenizer_vocab=400)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as weights:
+        assert weights.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).vocab_size() == 400
