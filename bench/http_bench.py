@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="generated tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (server and engine alike)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     config: LlamaConfig = LlamaBackend(args.checkpoint, torch.device("cpu"), max_batch=1).config
@@ -110,7 +111,7 @@ def main() -> None:
     if args.prompt_tokens + args.tokens > config.max_position_embeddings:
         raise SystemExit("--prompt-tokens + --tokens must fit the checkpoint's context")
 
-    env = {"RIVULET_MODEL": str(args.checkpoint.resolve()), "RIVULET_DEVICE": "cpu",
+    env = {"RIVULET_MODEL": str(args.checkpoint.resolve()), "RIVULET_DEVICE": args.device,
            "RIVULET_MAX_BATCH": str(max(levels)), "RIVULET_MAX_WAITING": str(max(levels)),
            "RIVULET_REQUEST_TIMEOUT_S": "3600"}
     with tempfile.TemporaryDirectory() as logs, live_server(env, log_dir=Path(logs)) as server:
@@ -118,7 +119,7 @@ def main() -> None:
         run_http(server.url, min(levels), argparse.Namespace(**{**vars(args), "tokens": 8}), rng)  # warm-up
         http_results = [run_http(server.url, c, args, rng) for c in levels]
 
-    backend = LlamaBackend(args.checkpoint, torch.device("cpu"), max_batch=max(levels))
+    backend = LlamaBackend(args.checkpoint, torch.device(args.device), max_batch=max(levels))
     engine = Engine(backend, max_batch=max(levels), max_waiting=max(levels))
     thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     thread.start()
@@ -132,7 +133,8 @@ def main() -> None:
         engine.shutdown()
         thread.join()
 
-    print(f"checkpoint {args.checkpoint} ({config.hidden_size} wide, {config.num_hidden_layers} layers), cpu, "
+    print(f"checkpoint {args.checkpoint} ({config.hidden_size} wide, {config.num_hidden_layers} layers), "
+          f"{args.device}, "
           f"{args.prompt_tokens} prompt + {args.tokens} generated tokens per request, temperature {args.temperature}")
     print(f"{'clients':>7}  {'HTTP tok/s':>10}  {'engine tok/s':>12}  {'HTTP/engine':>11}  "
           f"{'HTTP vs ' + str(levels[0]):>10}  {'median TTFT':>11}")

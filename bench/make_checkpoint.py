@@ -3,7 +3,8 @@
     python -m bench.make_checkpoint bench-512 /tmp/bench-512
 
 Sizes are the presets in ``models/config.py`` (``bench-512``: 512 wide, 8 layers, 8 heads, SwiGLU
-1408, 8000-token vocabulary). The directory gets ``config.json``, ``model.safetensors``,
+1408, 8000-token vocabulary) and ``tinyllama-shape`` (TinyLlama 1.1B's shape, for GPU benchmarks:
+``--dtype bfloat16 --tokenizer-vocab 8000`` keeps it quick to write). The directory gets ``config.json``, ``model.safetensors``,
 ``generation_config.json``, ``tokenizer_config.json`` and a sentencepiece ``tokenizer.model`` with
 exactly the config's vocabulary size, so every id a random model samples decodes to real text (the
 detokenizer's work is part of what the benchmark measures). The tokenizer is trained on the Python
@@ -25,6 +26,13 @@ from models.checkpoint import save_checkpoint
 from models.config import PRESETS, LlamaConfig
 from models.llama import Llama
 
+# Benchmark-only sizes, beside the presets: TinyLlama 1.1B's shape (grouped-query, 32000 vocabulary).
+BENCH_SIZES: dict[str, dict] = {
+    "tinyllama-shape": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                            rms_norm_eps=1e-5),
+}
+SIZES = {**PRESETS, **BENCH_SIZES}
 CORPUS_BYTES = 3_000_000  # enough text for an 8000-piece BPE vocabulary, trained in well under a minute
 
 
@@ -55,14 +63,16 @@ def train_tokenizer(vocab_size: int, directory: Path) -> Path:
     return directory / "tokenizer.model"
 
 
-def write_random_checkpoint(name: str, directory: Path, *, seed: int = 0, tokenizer: Path | None = None) -> int:
-    """-> the model's parameter count."""
-    config = LlamaConfig.from_name(name)
+def write_random_checkpoint(name: str, directory: Path, *, seed: int = 0, tokenizer: Path | None = None,
+                            dtype: torch.dtype = torch.float32, tokenizer_vocab: int | None = None) -> int:
+    """-> the model's parameter count. ``tokenizer_vocab``: train a tokenizer of fewer pieces than the
+    model's vocabulary (ids past it decode to nothing), quicker for a large vocabulary."""
+    config = LlamaConfig(**SIZES[name])
     torch.manual_seed(seed)
     model = Llama(config).init_weights()
-    save_checkpoint(model, directory)
+    save_checkpoint(model, directory, dtype=dtype)
     if tokenizer is None:
-        tokenizer = train_tokenizer(config.vocab_size, directory)
+        tokenizer = train_tokenizer(min(tokenizer_vocab or config.vocab_size, config.vocab_size), directory)
     else:
         shutil.copyfile(tokenizer, directory / "tokenizer.model")
     pieces = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size()
@@ -77,13 +87,18 @@ def write_random_checkpoint(name: str, directory: Path, *, seed: int = 0, tokeni
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("size", choices=sorted(PRESETS), help="a preset of models/config.py")
+    parser.add_argument("size", choices=sorted(SIZES), help="a preset of models/config.py, or tinyllama-shape")
     parser.add_argument("out", type=Path, help="directory to write (created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", type=Path, help="copy this tokenizer.model instead of training one")
+    parser.add_argument("--tokenizer-vocab", type=int, help="train a tokenizer of this many pieces (default: "
+                        "the model's vocabulary)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="of the saved weights")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    params = write_random_checkpoint(args.size, args.out, seed=args.seed, tokenizer=args.tokenizer)
+    params = write_random_checkpoint(args.size, args.out, seed=args.seed, tokenizer=args.tokenizer,
+                                     dtype=getattr(torch, args.dtype), tokenizer_vocab=args.tokenizer_vocab)
     print(f"wrote {args.size} ({params / 1e6:.1f} M parameters) to {args.out}")
 
 

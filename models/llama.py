@@ -10,6 +10,11 @@ Three ways through the model:
   the padding's cached keys lie past each row's length, where decode masks them (and overwrites them).
 - ``decode(tokens, positions)``: one new token for each of the first B cache rows, each at its own
   position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy.
+
+``fuse_projections()`` (the runner calls it once at load) lays q/k/v and gate/up weights out as one
+matrix each, the separate parameters becoming views of it: one matmul where there were three (two),
+rotary embedding applied to queries and keys in one pass, no extra memory, and state dicts unchanged.
+On a CPU a batch-1 step is many small ops, and each one's dispatch costs as much as its arithmetic.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class RotaryTable(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("positions", torch.arange(max_positions), persistent=False)  # 0..S-1, reused
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [B, T] -> [B, 1, T, D], broadcast over heads
@@ -74,6 +80,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
+    """The linears' weights stacked into one [sum(out), in] matrix; each linear's weight becomes a view
+    of its rows, so the memory is not doubled and the state dict still has every key."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
 class KVCache(nn.Module):
     """One layer's keys and values for ``max_batch`` sequences of up to ``max_seq`` tokens."""
 
@@ -83,6 +101,9 @@ class KVCache(nn.Module):
         shape = (max_batch, n_kv_heads, max_seq, head_dim)  # [B, H, S, D]
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Each (row, head)'s first flat slot, so a step's slots are one add.
+        base = torch.arange(max_batch * n_kv_heads, device=device).view(max_batch, n_kv_heads) * max_seq
+        self.register_buffer("slot_base", base, persistent=False)  # [B, H]
 
     def write_prompt(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [N, H, T, D] -> cache rows `rows` [N], positions 0..T-1
@@ -92,10 +113,7 @@ class KVCache(nn.Module):
 
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Flat indices (into ``k.view(-1, D)``) of each row's ``positions[b]``, every head. -> [B*H]"""
-        _, heads, max_seq, _ = self.k.shape
-        batch = positions.shape[0]
-        base = torch.arange(batch * heads, device=positions.device).view(batch, heads) * max_seq  # [B, H]
-        return (base + positions.unsqueeze(1)).flatten()
+        return (self.slot_base[:positions.shape[0]] + positions.unsqueeze(1)).flatten()
 
     def write_step(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [B, H, 1, D] -> the slots of each row's own position. index_copy_ of whole D-vectors:
@@ -124,20 +142,38 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.cache: KVCache | None = None
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.qkv_weight is None:
+            self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys (rotated) and values of ``x`` [B, T, hidden]. -> [B, H|KV, T, D] each"""
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_weight is None:
+            q = self.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, D]
+            k = self.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # [B, KV, T, D]
+            v = self.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        qkv = F.linear(x, self.qkv_weight).view(batch, length, heads + 2 * kv_heads, head_dim)
+        qk = apply_rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)  # [B, H+KV, T, D]
+        return qk[:, :heads], qk[:, heads:], qkv[:, :, heads + kv_heads:].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str,
                 rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, keys: int | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if mode == "decode":
-            assert self.cache is not None and slots is not None and mask is not None
+            assert self.cache is not None and slots is not None and keys is not None
             self.cache.write_step(slots, k, v)
-            k, v = self.cache.view(batch, mask.shape[-1])  # [B, KV, L, D]
+            k, v = self.cache.view(batch, keys)  # [B, KV, L, D]
+            # No mask when every row sees all L keys (batch 1, or rows of one length).
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             if mode == "prefill":
@@ -154,9 +190,18 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.gate_up_weight is None:
+            self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -199,6 +244,12 @@ class Llama(nn.Module):
                 module.weight.normal_(0.0, std)
         return self
 
+    def fuse_projections(self) -> None:
+        """Inference only (the fused weights take no gradients): see the module's docstring."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
         max_seq = max_seq or self.config.max_position_embeddings
         param = self.lm_head.weight
@@ -228,21 +279,25 @@ class Llama(nn.Module):
         last = hidden[torch.arange(batch, device=tokens.device), lengths - 1]  # [N, hidden]
         return self.lm_head(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,
+               ragged: bool = True) -> torch.Tensor:
         """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]
 
-        ``length`` (max position + 1) saves a device sync when the caller already knows it.
+        ``length`` (max position + 1) saves a device sync when the caller already knows it; ``ragged``
+        False says every row is at the same position (batch 1 always is), so attention needs no mask.
         """
         if length is None:
             length = int(positions.max()) + 1
-        keys = torch.arange(length, device=tokens.device)
-        # Row b sees its own positions 0..positions[b]; longer rows' keys are masked out. An additive
-        # mask built once per step: SDPA would otherwise convert a boolean one in every layer.
-        hidden_mask = keys.unsqueeze(0) > positions.unsqueeze(1)  # [B, L]
-        mask = torch.zeros(hidden_mask.shape, dtype=self.lm_head.weight.dtype, device=tokens.device)
-        mask = mask.masked_fill_(hidden_mask, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
+        mask = None
+        if ragged:
+            # Row b sees its own positions 0..positions[b]; longer rows' keys are masked out. An additive
+            # mask built once per step: SDPA would otherwise convert a boolean one in every layer.
+            keys = self.rotary.positions[:length]
+            mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [B, L]
+            mask = mask.to(self.lm_head.weight.dtype)[:, None, None, :]  # [B, 1, 1, L]
         slots = self.model.layers[0].self_attn.cache.slots(positions)  # the same in every layer
-        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask)
+        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask,
+                           keys=length)
         return self.lm_head(hidden[:, 0])
 
     def move_cache_row(self, src: int, dst: int, length: int) -> None:

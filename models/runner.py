@@ -10,11 +10,13 @@ position without appending a token, so only the runner knows how much of a row i
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from models.api import TokenLogprob
+from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
 from models.prompt_checks import prompt_error
@@ -58,6 +60,13 @@ class LlamaRunner:
         # Positions per row: the model's context, or less (RIVULET_MAX_CONTEXT) to keep the cache small.
         self.max_seq = min(max_seq or model.config.max_position_embeddings, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq)
+        model.fuse_projections()
+        # Torch threads per step from the load, on CPU only. The engine has already set its thread count
+        # (CPUs - 1 by default) on this thread: that is the count for a busy step.
+        self.thread_policy: LoadAwareThreads | None = None
+        if self.device.type == "cpu":
+            self.thread_policy = LoadAwareThreads(idle=max(usable_cpus(), torch.get_num_threads()),
+                                                  busy=torch.get_num_threads())
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
 
@@ -71,6 +80,10 @@ class LlamaRunner:
         """
         if len(self.rows) + len(seqs) > self.max_batch:
             raise RuntimeError("no free cache row")  # the scheduler never admits past max_batch
+        # Threads from the streams already running: the hub serves those while the prompts compute (a
+        # burst of new requests into an idle server gets every core, which halves its time to first token).
+        if self.thread_policy is not None:
+            self._set_threads(self.thread_policy.prefill_threads(len(self.rows)))
         results: dict[int, StepResult] = {}
         valid: list[Sequence] = []
         for seq in seqs:
@@ -106,9 +119,9 @@ class LlamaRunner:
         lengths_list = [len(s.request.prompt_ids) for s in group]
         width = max(lengths_list)
         padded = [s.request.prompt_ids + [0] * (width - len(s.request.prompt_ids)) for s in group]
-        tokens = torch.tensor(padded, dtype=torch.long, device=self.device)  # [N, T]
-        rows = torch.tensor([s.row for s in group], dtype=torch.long, device=self.device)
-        lengths = torch.tensor(lengths_list, dtype=torch.long, device=self.device)
+        tokens = self._ids(padded)  # [N, T]
+        rows = self._ids([s.row for s in group])
+        lengths = self._ids(lengths_list)
         logits = self.model.prefill(tokens, rows, lengths)  # [N, V]
         for seq, length in zip(group, lengths_list):
             self.cached[seq.row] = length
@@ -119,15 +132,34 @@ class LlamaRunner:
         """One step for every running sequence, in row order."""
         if not self.rows:
             return []
+        started = time.perf_counter()
+        threads = None
+        if self.thread_policy is not None:
+            threads = self.thread_policy.threads_for(len(self.rows))
+            self._set_threads(threads)
         # A row's newest token sits at the position after its cached ones.
         positions_list = list(self.cached)
-        tokens = torch.tensor([s.last_token for s in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor(positions_list, dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, positions, max(positions_list) + 1)  # [B, V]
+        tokens = self._ids([s.last_token for s in self.rows])
+        positions = self._ids(positions_list)
+        first, last = min(positions_list), max(positions_list)
+        logits = self.model.decode(tokens, positions, last + 1, ragged=first != last)  # [B, V]
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
+        if threads is not None:  # the sampled tokens are on the host: the step is over
+            self.thread_policy.record(len(rows), threads, time.perf_counter() - started)
         return step_results(rows, logits, sampled)
+
+    def _ids(self, values: list) -> torch.Tensor:
+        """A long tensor on the model's device. On CUDA it goes through pinned memory without a wait: the
+        step's only sync stays the read-back of the sampled tokens."""
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _set_threads(threads: int) -> None:
+        if threads != torch.get_num_threads():  # process-wide, and only cheap when it changes nothing
+            torch.set_num_threads(threads)
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s row; the last row moves into the hole to keep rows compact."""

@@ -113,10 +113,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     # A row's sum is finite exactly when all its logits are (NaN and inf propagate): one cheap pass,
     # where isfinite(logits).all(-1) costs several.
-    finite = torch.isfinite(logits.float().sum(-1)).tolist()
+    finite_rows = torch.isfinite(logits.sum(-1, dtype=torch.float32))
     if histories is not None:
         logits = apply_penalties(logits, params, histories)
-    results: list[int | ModelError] = torch.argmax(logits, dim=-1).tolist()  # greedy rows, all at once
+    # Greedy rows, all at once, read back with the finite flags in one transfer (one device sync).
+    greedy_and_finite = torch.stack((torch.argmax(logits, dim=-1), finite_rows.long())).tolist()
+    results: list[int | ModelError] = greedy_and_finite[0]
+    finite = greedy_and_finite[1]
     random_rows = [row for row, p in enumerate(params) if not p.greedy and finite[row]]
     if random_rows:
         chosen = logits if len(random_rows) == len(params) else logits[random_rows]

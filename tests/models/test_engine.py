@@ -186,8 +186,8 @@ def test_nan_logits_in_one_row_fail_only_that_request(tiny_checkpoint):
         model = backend.runner.model
         original = model.decode
 
-        def decode_poisoning_the_victim(tokens, positions, length=None):
-            logits = original(tokens, positions, length)
+        def decode_poisoning_the_victim(tokens, positions, *args, **kwargs):
+            logits = original(tokens, positions, *args, **kwargs)
             for row, seq in enumerate(backend.runner.rows):
                 if seq.request is victim and len(seq.output_ids) == 3:
                     logits[row] = float("nan")

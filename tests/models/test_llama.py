@@ -139,3 +139,48 @@ def test_half_precision_path_runs_with_a_cache_of_the_weights_dtype(tiny_checkpo
             expected = full(torch.tensor([seq.request.prompt_ids + seq.output_ids]))[0, -1]
             torch.testing.assert_close(logits[row].float(), expected, atol=0.05, rtol=0.05)
         assert all(r.error is None for r in runner.decode())
+
+
+def test_fused_projections_give_the_same_logits_and_keep_the_state_dict():
+    """fuse_projections lays q/k/v and gate/up out as one matrix each; the separate weights become views."""
+    plain = random_model(tiny_config(max_position_embeddings=64), seed=2)
+    fused = random_model(tiny_config(max_position_embeddings=64), seed=2)
+    keys = set(fused.state_dict())
+    fused.fuse_projections()
+    attention, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert set(fused.state_dict()) == keys
+    assert attention.k_proj.weight.data_ptr() == attention.qkv_weight[attention.q_proj.weight.shape[0]:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.weight.shape[0]:].data_ptr()
+    tokens = torch.tensor([[1, 9, 44, 7, 300, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(tokens), plain(tokens), atol=ATOL, rtol=0)
+        for model in (plain, fused):
+            model.setup_cache(max_batch=2)
+            model.prefill(tokens.expand(2, -1), torch.tensor([0, 1]), torch.tensor([6, 6]))
+        # Both rows at one position: the unmasked path (ragged=False) must equal the masked one.
+        step = torch.tensor([5, 6]), torch.tensor([6, 6])
+        expected = plain.decode(*step)
+        torch.testing.assert_close(fused.decode(*step, ragged=False), expected, atol=ATOL, rtol=0)
+
+
+def test_runner_sets_the_threads_its_policy_picks_and_reports_each_step(model, monkeypatch):
+    calls, recorded = [], []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 1)
+    with torch.inference_mode():
+        runner = LlamaRunner(model, max_batch=12)
+        policy = runner.thread_policy
+        policy.idle, policy.busy = 3, 1
+        monkeypatch.setattr(policy, "record", lambda rows, threads, seconds: recorded.append((rows, threads)))
+        few = [sequence([3, 4])]
+        for result in runner.prefill(few):  # into an idle runner: batch 1's count
+            result.seq.output_ids.append(result.token)
+        assert calls == [3]
+        runner.decode()
+        assert calls == [3] and recorded == [(1, 3)]  # set once, not again at the decode step
+        many = [sequence([5, 6]) for _ in range(9)]
+        for result in runner.prefill(many):  # one stream running: still its count
+            result.seq.output_ids.append(result.token)
+        assert calls == [3]
+        runner.decode()  # ten streams now: the prior for many is one core less
+        assert calls == [3, 1] and recorded[-1] == (10, 1)
