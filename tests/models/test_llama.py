@@ -137,7 +137,10 @@ def test_half_precision_path_runs_with_a_cache_of_the_weights_dtype(tiny_checkpo
         assert logits.dtype == torch.bfloat16
         for row, seq in enumerate(seqs):
             expected = full(torch.tensor([seq.request.prompt_ids + seq.output_ids]))[0, -1]
-            torch.testing.assert_close(logits[row].float(), expected, atol=0.05, rtol=0.05)
+            # bf16 keeps about 3 significant digits: here the logits differ by ~2% of their spread. A bound of
+            # 5% of the spread (not a fixed 0.05, a third of it) fails on any real mistake in the path.
+            error = (logits[row].float() - expected).abs().max()
+            assert error <= 0.05 * expected.std(), (error, expected.std())
         assert all(r.error is None for r in runner.decode())
 
 
