@@ -234,7 +234,6 @@ class Llama(nn.Module):
         self.rotary = RotaryTable(config.head_dim, config.max_position_embeddings, config.rope_theta)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.max_batch = 0
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "Llama":
@@ -256,7 +255,6 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(max_batch, self.config.num_key_value_heads, max_seq,
                                             self.config.head_dim, param.dtype, param.device)
-        self.max_batch = max_batch
 
     def _run(self, tokens: torch.Tensor, token_positions: torch.Tensor, **attn) -> torch.Tensor:
         x = self.model.embed_tokens(tokens)  # [B, T, hidden]
