@@ -13,6 +13,7 @@ returns), it ends the worker so that gunicorn starts a fresh one, which reloads 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,17 +85,19 @@ class Runtime:
         finally:
             self._thread_done = True
 
-    def stop(self, wait_s: float = 10.0) -> None:
+    def stop(self, wait_s: float = 10.0) -> bool:
         """End every request with a shutdown error and wait (bounded) for the engine thread to finish,
-        so that the backend is closed (a package's ``finalize()`` runs) before the process exits."""
+        so that the backend is closed (a package's ``finalize()`` runs) before the process exits.
+        -> whether it finished."""
         if self.bridge is None:
-            return
+            return True
         self.engine.shutdown()
         for _ in range(int(wait_s / WATCH_POLL_S)):
             if self._thread_done:
-                return
+                return True
             gevent.sleep(WATCH_POLL_S)
         log.warning("the engine thread did not stop within %.0fs", wait_s)
+        return False
 
     def stuck_after_s(self) -> float:
         """A step running longer than this is stuck: no request may run that long (its time limit) and
@@ -166,5 +169,9 @@ def on_worker_start(worker: Any) -> None:
 def on_worker_exit(worker: Any) -> None:
     """gunicorn ``worker_exit``: make sure the engine thread ends and a package's ``finalize()`` runs."""
     runtime: Runtime | None = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("rivulet")
-    if runtime is not None:
-        runtime.stop()
+    if runtime is not None and not runtime.stop():
+        # A stuck engine thread (a device that hangs, a package's infer that never returns) can hold the
+        # interpreter's exit forever, and with it this process, even after its master is gone: leave now.
+        # Nothing is lost: every stream has ended, and this worker holds no state on disk.
+        log.error("worker %s exits with its engine thread still running", worker.pid)
+        os._exit(1)

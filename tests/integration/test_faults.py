@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -100,6 +101,13 @@ def test_a_package_that_never_returns_times_out_its_client_and_its_worker_is_rep
             time.sleep(0.2)
         wait_ready_again(server)
         assert "is replaced: the engine has been inside one step" in server.log()
+        # The stuck worker itself is gone (its engine thread would otherwise hold the process forever).
+        first_worker = int(re.search(r"Booting worker with pid: (\d+)", server.log()).group(1))
+        deadline = time.monotonic() + WAIT_S
+        while Path(f"/proc/{first_worker}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{first_worker}").exists()
+        assert "exits with its engine thread still running" in server.log()
         again: list = []
         read_stream(server, "/v1/sse", {"count": 2}, again)
         assert [json.loads(d)["tick"] for d in again[:-1]] == [0, 1] and again[-1] == "[DONE]"
