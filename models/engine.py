@@ -26,7 +26,8 @@ class Engine:
         self.backend = backend
         self.max_waiting = max_waiting
         self._commands: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._scheduler = Scheduler(max_batch, on_release=backend.release)
+        self._scheduler = Scheduler(max_batch, on_release=backend.release,
+                                    chunk_tokens=getattr(backend, "prefill_chunk_tokens", None))
         # Leave a core to the gevent hub: it must keep reading sockets while torch computes. Counted from
         # the CPUs this process may use (a container's quota), not the host's.
         self._loop = EngineLoop(backend, self._scheduler, self._commands,

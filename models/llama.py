@@ -122,6 +122,14 @@ class KVCache(nn.Module):
         self.k.view(-1, head_dim).index_copy_(0, slots, k.reshape(-1, head_dim))
         self.v.view(-1, head_dim).index_copy_(0, slots, v.reshape(-1, head_dim))
 
+    def write_chunk(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [1, H, C, D] -> row ``row``, positions start..start+C-1. -> the row's keys and values so
+        far, [1, H, start+C, D]"""
+        end = start + k.shape[2]
+        self.k[row, :, start:end] = k[0]
+        self.v[row, :, start:end] = v[0]
+        return self.k[row:row + 1, :, :end], self.v[row:row + 1, :, :end]
+
     def view(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:batch, :, :length], self.v[:batch, :, :length]  # [B, H, L, D]
 
@@ -165,7 +173,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str,
                 rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, keys: int | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, keys: int | None = None,
+                row: int | None = None, start: int = 0) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
@@ -174,6 +183,12 @@ class Attention(nn.Module):
             self.cache.write_step(slots, k, v)
             k, v = self.cache.view(batch, keys)  # [B, KV, L, D]
             # No mask when every row sees all L keys (batch 1, or rows of one length).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif mode == "chunk":
+            # A piece of a long prompt: its keys join the row's earlier ones, and query i (at position
+            # start + i) sees every key up to its own position.
+            assert self.cache is not None and row is not None and mask is not None
+            k, v = self.cache.write_chunk(row, start, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             if mode == "prefill":
@@ -276,6 +291,21 @@ class Llama(nn.Module):
         hidden = self._run(tokens, positions, mode="prefill", rows=rows)  # [N, T, hidden]
         last = hidden[torch.arange(batch, device=tokens.device), lengths - 1]  # [N, hidden]
         return self.lm_head(last)
+
+    def prefill_chunk(self, tokens: torch.Tensor, row: int, start: int) -> torch.Tensor:
+        """Cache ``tokens`` [C], positions start..start+C-1 of one prompt, in cache row ``row`` whose
+        positions 0..start-1 hold the prompt's earlier chunks. -> the last position's logits [V]
+
+        A long prompt prefilled in chunks, one per engine step, keeps the running streams decoding between
+        them instead of waiting for the whole prompt (models/scheduler.py)."""
+        length = tokens.shape[0]
+        positions = torch.arange(start, start + length, device=tokens.device)
+        keys = torch.arange(start + length, device=tokens.device)
+        mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [C, start+C]
+        mask = mask.to(self.lm_head.weight.dtype)[None, None]  # [1, 1, C, start+C]
+        hidden = self._run(tokens.unsqueeze(0), positions.unsqueeze(0), mode="chunk", row=row, start=start,
+                           mask=mask)
+        return self.lm_head(hidden[0, -1])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,
                ragged: bool = True) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,12 +12,16 @@ from models.config import LlamaConfig
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
 from models.outputs import Failed, Output, Sampled
-from models.runner import LlamaRunner
+from models.runner import LlamaRunner, StepResult
 from models.scheduler import Batch, Ticket
 from models.sequence import Sequence
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("rivulet.engine")
+# Prompt tokens per chunk of a long prompt (RIVULET_PREFILL_CHUNK_TOKENS): each engine step runs one chunk
+# beside the decode step of the running rows, so a long prompt adds about one chunk's time to their
+# inter-token latency instead of stalling them for the whole prompt.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -43,7 +48,7 @@ class LlamaBackend:
     kind = "llm"
 
     def __init__(self, directory: Path, device: torch.device, max_batch: int,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK) -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -53,6 +58,9 @@ class LlamaBackend:
         self.eos_ids = frozenset(self.tokenizer.eos_ids)
         self.context_length = served_context(self.config, max_context, directory)
         self.runner: LlamaRunner | None = None
+        # Prompts longer than this are prefilled a chunk per step beside the running rows (the scheduler
+        # reads it); None or 0: every prompt in one pass.
+        self.prefill_chunk_tokens = prefill_chunk_tokens or None
 
     def load(self) -> None:
         """Runs on the engine thread: the weights and the cache live there."""
@@ -76,28 +84,36 @@ class LlamaBackend:
 
     def free_slots(self) -> int:
         """Free KV-cache rows: fewer than RIVULET_MAX_BATCH when memory allowed no more."""
-        return 0 if self.runner is None else self.runner.max_batch - len(self.runner.rows)
+        return 0 if self.runner is None else self.runner.free_rows()
 
     def release(self, ticket: Ticket) -> None:
         if isinstance(ticket.work, Sequence) and self.runner is not None:
             self.runner.release(ticket.work)
 
     def execute(self, batch: Batch) -> list[Output]:
-        """Prefill the requests just admitted, or run one decode step shared by every running sequence.
+        """Prefill the requests just admitted, or run one decode step shared by every running sequence and
+        the next chunk of a long prompt.
 
         Running out of memory fails this batch's requests only (a smaller batch may fit); anything else
         a forward pass raises is the engine's failure and propagates."""
         if self.runner is None:
             raise RuntimeError("LlamaBackend.execute before load()")
         if batch.prefill:
-            tickets = batch.prefill
-            for ticket in tickets:
-                ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)
-                ticket.prompt_tokens = len(ticket.request.prompt_ids)
-            step = lambda: self.runner.prefill([t.work for t in tickets])  # noqa: E731
-        else:
-            tickets = batch.decode
-            step = self.runner.decode
+            seqs = [self._sequence(ticket) for ticket in batch.prefill]
+            return self._step(batch.prefill, lambda: self.runner.prefill(seqs))
+        outputs = self._step(batch.decode, self.runner.decode) if batch.decode else []
+        if batch.chunk is not None:  # after the decode step: a prompt completed now decodes from the next
+            seq = batch.chunk.work or self._sequence(batch.chunk)
+            outputs += self._step((batch.chunk,), lambda: [
+                result for result in [self.runner.prefill_chunk(seq, self.prefill_chunk_tokens)] if result])
+        return outputs
+
+    def _sequence(self, ticket: Ticket) -> Sequence:
+        ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)
+        ticket.prompt_tokens = len(ticket.request.prompt_ids)
+        return ticket.work
+
+    def _step(self, tickets: tuple[Ticket, ...], step: Callable[[], list[StepResult]]) -> list[Output]:
         try:
             results = step()
         except Exception as exc:

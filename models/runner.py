@@ -69,6 +69,46 @@ class LlamaRunner:
                                                   busy=torch.get_num_threads())
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
+        # A long prompt is prefilled in chunks (prefill_chunk) in the last cache row, which running rows
+        # never reach while it is in use (free_rows leaves it out); complete, it joins them.
+        self.chunk_row = max_batch - 1
+        self.chunking: Sequence | None = None
+        self.chunked = 0  # prompt tokens of ``chunking`` cached so far
+
+    def free_rows(self) -> int:
+        """Rows a new sequence may take now (the chunk row counts as taken while a prompt is in it)."""
+        return self.max_batch - len(self.rows) - (self.chunking is not None)
+
+    def prefill_chunk(self, seq: Sequence, budget: int) -> StepResult | None:
+        """Cache the next ``budget`` tokens of ``seq``'s prompt. -> once the prompt is complete, its first
+        sampled token (it then holds a row and decodes with the others); None before that.
+
+        One chunk per engine step, beside the running rows' decode step: a long prompt costs each of their
+        steps one chunk's time instead of stalling them for the whole prompt."""
+        if self.chunking is not seq:
+            if self.chunking is not None or len(self.rows) >= self.max_batch:
+                raise RuntimeError("no free cache row for a chunked prefill")  # the scheduler admits one
+            error = prompt_error(seq.request.prompt_ids, self.max_seq)
+            if error is not None:
+                return StepResult(seq, None, error)
+            seq.generator = make_generator(seq.params, self.device)
+            self.chunking, self.chunked = seq, 0
+        prompt = seq.request.prompt_ids
+        start = self.chunked
+        chunk = prompt[start:start + budget]
+        logits = self.model.prefill_chunk(self._ids(chunk), self.chunk_row, start)  # [V]
+        self.chunked += len(chunk)
+        if self.chunked < len(prompt):
+            return None
+        row = len(self.rows)
+        if row != self.chunk_row:
+            self.model.move_cache_row(self.chunk_row, row, len(prompt))
+        seq.row = row
+        self.rows.append(seq)
+        self.cached.append(len(prompt))
+        self.chunking = None
+        logits = logits.unsqueeze(0)  # [1, V]
+        return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
 
     def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
         """Give each of ``seqs`` a free row, run their prompts, -> each one's first sampled token.
@@ -163,6 +203,8 @@ class LlamaRunner:
 
     def release(self, seq: Sequence) -> None:
         """Free ``seq``'s row; the last row moves into the hole to keep rows compact."""
+        if self.chunking is seq:  # ended mid-prompt: its partial prompt is simply forgotten
+            self.chunking = None
         row = seq.row
         if row < 0 or row >= len(self.rows) or self.rows[row] is not seq:
             return

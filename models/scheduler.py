@@ -64,22 +64,29 @@ class Ticket:
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's work: prompts to prefill (just admitted), or rows to decode one token each."""
+    """One step's work: prompts to prefill (just admitted), or rows to decode one token each, and beside
+    them the next chunk of one long prompt."""
 
     prefill: tuple[Ticket, ...] = ()
     decode: tuple[Ticket, ...] = ()
+    chunk: Ticket | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.prefill or self.decode)
+        return bool(self.prefill or self.decode or self.chunk is not None)
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, on_release: Callable[[Ticket], None] = lambda t: None) -> None:
+    def __init__(self, max_batch: int, on_release: Callable[[Ticket], None] = lambda t: None,
+                 chunk_tokens: int | None = None) -> None:
         self.max_batch = max_batch
         self.waiting: deque[Ticket] = deque()
         self.running: list[Ticket] = []
         self.on_release = on_release  # frees a running ticket's batch slot / KV cache
         self._prefilled_last = False  # prefill and decode steps alternate while both have work
+        # Prompts longer than this are prefilled ``chunk_tokens`` at a time, one chunk per step beside the
+        # running rows' decoding, one such prompt at a time (None: never).
+        self.chunk_tokens = chunk_tokens
+        self.chunking: Ticket | None = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -91,24 +98,40 @@ class Scheduler:
         """What the next step runs. ``free_slots``: how many more requests the backend can hold now
         (free KV-cache rows; 1 or 0 for a package). New requests are prefilled first, so that a
         request's time to first token does not wait behind other requests' decoding; but never twice
-        in a row while requests are running, so a steady trickle of arrivals cannot stall them."""
-        decoding = tuple(self.running)
-        if not (self._prefilled_last and decoding):
+        in a row while requests are running, so a steady trickle of arrivals cannot stall them. A long
+        prompt goes one chunk per step, beside the decoding rows, until its first token."""
+        chunking = self.chunking
+        if chunking is not None and (chunking.state == FINISHED or chunking.completion_tokens):
+            self.chunking = chunking = None  # its prompt is in (it decodes now), or it ended
+        decoding = tuple(t for t in self.running if t is not chunking)
+        if not (self._prefilled_last and (decoding or chunking)):
             admitted = self._admit(free_slots)
-            if admitted:
+            short = tuple(t for t in admitted if t is not self.chunking)
+            if short:
                 self._prefilled_last = True
-                return Batch(prefill=tuple(admitted))
+                return Batch(prefill=short)
         self._prefilled_last = False
-        return Batch(decode=decoding)
+        return Batch(decode=decoding, chunk=self.chunking)
 
     def _admit(self, limit: int) -> list[Ticket]:
+        """Admit in order; a long prompt becomes the one being chunked, and one already in progress
+        holds the next long one (and those behind it) in the queue."""
         admitted = []
         while self.waiting and len(self.running) < self.max_batch and len(admitted) < limit:
-            ticket = self.waiting.popleft()
+            ticket = self.waiting[0]
+            if self._is_long(ticket):
+                if self.chunking is not None:
+                    break
+                self.chunking = ticket
+            self.waiting.popleft()
             ticket.state = RUNNING
             self.running.append(ticket)
             admitted.append(ticket)
         return admitted
+
+    def _is_long(self, ticket: Ticket) -> bool:
+        prompt = getattr(ticket.request, "prompt_ids", ())
+        return self.chunk_tokens is not None and len(prompt) > self.chunk_tokens
 
     def reap(self, now: float) -> int:
         """Finish every cancelled or timed-out request, waiting or running. -> how many."""

@@ -38,6 +38,7 @@ class ModelSpec:
     max_batch: int = 32
     max_waiting: int = 256
     max_context: int | None = None
+    prefill_chunk_tokens: int = 256  # 0: every prompt in one pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +56,8 @@ def open_model(spec: ModelSpec, *, backend: Backend | None = None) -> ServedMode
         if is_package_dir(spec.directory):
             backend = PackageBackend(spec.directory, device)
         else:
-            backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context)
+            backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context,
+                                   spec.prefill_chunk_tokens)
     engine = Engine(backend, max_batch=spec.max_batch, max_waiting=spec.max_waiting)
     return ServedModel(backend, engine)
 

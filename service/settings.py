@@ -37,6 +37,9 @@ class Settings(BaseModel):
     # Sequences decoded together in one step (also the number of KV-cache rows allocated; fewer when
     # they do not fit in the memory left after the weights, see models/memory.py).
     max_batch: int = Field(32, ge=1)
+    # Prompts longer than this are prefilled this many tokens per engine step, beside the running
+    # streams' decoding, so a long prompt slows their tokens a little instead of stopping them. 0 = off.
+    prefill_chunk_tokens: int = Field(256, ge=0)
     # Tokens (prompt + output) per sequence; unset = the checkpoint's own context. The KV cache holds
     # max_batch x max_context positions, so a long-context model may need it lower to fit in memory.
     max_context: int | None = Field(None, ge=2)

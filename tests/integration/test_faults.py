@@ -80,7 +80,8 @@ def test_an_engine_fault_ends_every_stream_with_an_error_and_the_worker_comes_ba
         assert httpx.get(server.url + "/ready", timeout=5).status_code == 503 or booted_workers(server) >= 2
         wait_ready_again(server)
         assert booted_workers(server) == 2
-        answer = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=WAIT_S)
+        answer = httpx.post(server.url + "/v1/completions", timeout=WAIT_S,
+                            json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True, "temperature": 0})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         assert "is replaced: the engine failed: InjectedFault" in server.log()
 

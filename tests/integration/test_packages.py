@@ -166,7 +166,8 @@ def test_a_request_past_its_time_limit_ends_with_a_timeout_event(misbehaving, pa
     assert events[0] == {"tick": 0} and events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "timeout"
     assert all(set(e) == {"tick"} for e in events[:-2])
-    assert recorded(package_log, "late") == "StreamClosed timeout"
+    # infer records its ending just after the stream got its last event: wait for the line
+    assert wait_for_record(package_log, "late") == "StreamClosed timeout"
 
 
 def test_requests_queue_behind_a_running_infer_up_to_the_bound(misbehaving, package_log):

@@ -279,3 +279,36 @@ def test_every_generated_token_gets_its_logprob_once_in_order(engine, backend, t
     for step, entry in enumerate(entries):
         assert entry.logprob == pytest.approx(expected[step, entry.token].item(), abs=1e-4)
         assert len(entry.top) == 3 and entry.top[0][1] == pytest.approx(expected[step].max().item(), abs=1e-4)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tiny_checkpoint):
+    long_prompt = [1] + [(7 * i) % 390 + 5 for i in range(100)]  # 101 tokens: 7 chunks of 16
+    alone_backend = RecordingBackend(tiny_checkpoint, CPU, max_batch=2, prefill_chunk_tokens=0)
+    with running_engine(alone_backend, max_batch=2) as engine:  # one pass, the reference
+        reference = request(long_prompt, max_tokens=6, ignore_eos=True)
+        generate_req(engine, reference)
+    backend = RecordingBackend(tiny_checkpoint, CPU, max_batch=2, prefill_chunk_tokens=16)
+    with running_engine(backend, max_batch=2) as engine:
+        events = []  # (which request, event), in the order the engine thread produced them
+
+        class Tagged(RecordingSink):
+            def __init__(self, tag):
+                super().__init__()
+                self.tag = tag
+
+            def put(self, event):
+                events.append((self.tag, event))
+                super().put(event)
+
+        short_sink, long_sink = Tagged("short"), Tagged("long")
+        engine.submit(request([1, 5, 6], max_tokens=40, ignore_eos=True), short_sink)
+        while not events:
+            time.sleep(0.001)
+        chunked = request(long_prompt, max_tokens=6, ignore_eos=True)
+        engine.submit(chunked, long_sink)
+        assert long_sink.wait().reason == "length" and short_sink.wait().reason == "length"
+    assert ids_of(backend, chunked) == ids_of(alone_backend, reference)  # the same tokens as one pass
+    # The short request kept getting tokens while the long prompt went in, one chunk a step (7 chunks).
+    first_long = next(i for i, (tag, _) in enumerate(events) if tag == "long")
+    short_tokens = [e.completion_tokens for tag, e in events[:first_long] if tag == "short"]
+    assert short_tokens and short_tokens[-1] >= 7

@@ -187,3 +187,20 @@ def test_runner_sets_the_threads_its_policy_picks_and_reports_each_step(model, m
         assert calls == [3]
         runner.decode()  # ten streams now: the prior for many is one core less
         assert calls == [3, 1] and recorded[-1] == (10, 1)
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_and_cache_of_one_pass():
+    model = random_model(tiny_config(max_position_embeddings=128), seed=1)
+    model.fuse_projections()
+    model.setup_cache(3, 128)
+    prompt = torch.randint(3, 400, (50,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model(prompt[None])[0, -1]
+        for start in range(0, 50, 16):  # 16, 16, 16, then 2 tokens, in row 2
+            chunked = model.prefill_chunk(prompt[start:start + 16], row=2, start=start)
+        model.prefill(prompt[None], torch.tensor([0]), torch.tensor([50]))  # the same prompt in row 0
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    for layer in model.model.layers:
+        cache = layer.self_attn.cache
+        torch.testing.assert_close(cache.k[2, :, :50], cache.k[0, :, :50])
+        torch.testing.assert_close(cache.v[2, :, :50], cache.v[0, :, :50])

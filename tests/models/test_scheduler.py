@@ -306,3 +306,22 @@ def test_an_injected_fault_kills_the_engine_and_ends_every_request_with_an_error
 def test_a_stop_command_is_never_taken_for_a_request():
     assert STOP_COMMAND is not None and not isinstance(STOP_COMMAND, Ticket)
     assert Ended(ticket(), "stop").reason == "stop"
+
+
+def test_a_long_prompt_goes_a_chunk_a_step_beside_decoding_one_at_a_time():
+    scheduler = Scheduler(max_batch=4, chunk_tokens=8)
+    short, long_a, long_b, after = ticket(), Ticket(request(list(range(1, 20))), RecordingSink()), \
+        Ticket(request(list(range(1, 30))), RecordingSink()), ticket()
+    scheduler.add(short)
+    assert scheduler.schedule(free_slots=4).prefill == (short,)
+    for t in (long_a, long_b, after):
+        scheduler.add(t)
+    assert scheduler.schedule(free_slots=3) == Batch(decode=(short,))  # decode after a prefill step
+    # long_a starts chunking; long_b (and, in order, the short one behind it) wait for the chunk lane
+    assert scheduler.schedule(free_slots=3) == Batch(decode=(short,), chunk=long_a)
+    assert scheduler.schedule(free_slots=2) == Batch(decode=(short,), chunk=long_a)
+    assert list(scheduler.waiting) == [long_b, after]
+    long_a.completion_tokens = 1  # its prompt is in: it decodes from now on, and the lane is free
+    # the lane takes long_b, and the short one behind it is prefilled first, then all three decode
+    assert scheduler.schedule(free_slots=2) == Batch(prefill=(after,))
+    assert scheduler.schedule(free_slots=0) == Batch(decode=(short, long_a, after), chunk=long_b)
