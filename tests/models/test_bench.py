@@ -78,3 +78,20 @@ def test_make_checkpoint_in_bf16_with_a_smaller_tokenizer(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as weights:
         assert weights.get_tensor("lm_head.weight").dtype == torch.bfloat16
     assert spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).vocab_size() == 400
+
+
+def test_prefill_stall_bench_runs_every_way(tmp_path, capsys):
+    from bench import prefill_stall_bench
+
+    write_random_checkpoint("tiny-gqa", tmp_path / "ckpt")
+    prefill_stall_bench.main([str(tmp_path / "ckpt"), "--streams", "2", "--prompt-tokens", "120", "--chunk", "32",
+                              "--tokens", "400", "--window", "0.2", "--rounds", "1", "--context", "1024",
+                              "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {name: line[len(name):].split() for line in lines
+            for name in ("no long prompt", "one pass", "chunks of 32") if line.startswith(name)}
+    assert set(rows) == {"no long prompt", "one pass", "chunks of 32"}
+    assert rows["no long prompt"][2:] == ["1.00x", "-"]  # the baseline against itself, no long prompt
+    for name in ("one pass", "chunks of 32"):  # both ways measured gaps and the long prompt's first token
+        p50, p99, ratio, ttft = rows[name]
+        assert 0 < float(p50) <= float(p99) and ratio.endswith("x") and float(ttft) > 0
