@@ -6,8 +6,7 @@ the engine thread.
 
 The scheduler keeps the waiting queue and the running set. Each step of the engine loop asks it what
 to run (``schedule``): newly admitted requests to prefill, or else every running request for one decode
-step. That choice is the place for a per-step token budget (chunked prefill): today a step is either
-the prompts of the requests just admitted, or one token for each running request.
+step, beside the next chunk of one long prompt (chunked prefill).
 
 ``finish`` is the one way a request ends: it leaves the queue or the batch, its slot is released, and
 its ``Finished`` event goes out, exactly once.
@@ -19,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from models.api import CANCELLED, TIMEOUT, Finished, GenerationRequest, PackageRequest, Sink
+from models.api import TIMEOUT, Finished, GenerationRequest, PackageRequest, Sink
 from models.errors import error_for
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -162,5 +161,3 @@ class Scheduler:
         for ticket in [*self.running, *self.waiting]:
             self.finish(ticket, reason, error)
 
-
-__all__ = ["Batch", "CANCELLED", "FINISHED", "RUNNING", "Scheduler", "Ticket", "WAITING", "error_for"]

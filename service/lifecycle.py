@@ -99,11 +99,6 @@ class Runtime:
         log.warning("the engine thread did not stop within %.0fs", wait_s)
         return False
 
-    def stuck_after_s(self) -> float:
-        """A step running longer than this is stuck: no request may run that long (its time limit) and
-        the engine checks deadlines between steps, so even a slow step ends well within it."""
-        return self.settings.step_timeout_s or 2 * self.settings.request_timeout_s + 10.0
-
 
 def shutdown_delay(graceful_timeout: float) -> float:
     """Seconds after SIGTERM at which open streams are ended: as late as the grace time safely allows."""
@@ -112,13 +107,19 @@ def shutdown_delay(graceful_timeout: float) -> float:
     return graceful_timeout - SHUTDOWN_MARGIN_S
 
 
+def stuck_after_s(settings: Settings) -> float:
+    """A step running longer than this is stuck: no request may run that long (its time limit) and the
+    engine checks deadlines between steps, so even a slow step ends well within it."""
+    return settings.step_timeout_s or 2 * settings.request_timeout_s + 10.0
+
+
 def engine_failure(runtime: Runtime, now: float) -> str | None:
     """Why this worker must be replaced, if it must: its engine died after it was ready, or is stuck."""
     engine = runtime.engine
     if engine.state == "dead" and engine.was_ready:
         return f"the engine failed: {engine.error}"
     running_s = engine.step_running_s(now)
-    if running_s > runtime.stuck_after_s():
+    if running_s > stuck_after_s(runtime.settings):
         return (f"the engine has been inside one step for {running_s:.0f}s (a stuck device, or a model "
                 f"package's infer that does not return; RIVULET_STEP_TIMEOUT_S)")
     return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from tests.live_server import ROOT, free_port
+from tests.live_server import ROOT, free_port, stop_process
 
 DEPLOY_CONF = ROOT / "deploy" / "nginx.conf"
 _UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+\S+:8080\b([^;]*);\n", re.M)
@@ -36,13 +36,7 @@ class NginxServer:
         return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: nginx's fast shutdown
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)  # SIGTERM: nginx's fast shutdown
 
 
 def nginx_binary() -> str | None:

@@ -10,7 +10,7 @@ import torch
 
 from models.errors import CheckpointError
 from models.serving import ModelSpec, open_model, resolve_device
-from service.lifecycle import Runtime, engine_failure, shutdown_delay
+from service.lifecycle import engine_failure, shutdown_delay
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo"
@@ -56,8 +56,7 @@ class FakeEngine:
 
 
 def runtime_with(engine, make_settings, **settings):
-    return SimpleNamespace(engine=engine, settings=make_settings(**settings),
-                           stuck_after_s=lambda: Runtime.stuck_after_s(SimpleNamespace(settings=make_settings(**settings))))
+    return SimpleNamespace(engine=engine, settings=make_settings(**settings))
 
 
 @pytest.mark.parametrize("engine, failing", [
