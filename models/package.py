@@ -94,7 +94,6 @@ class StreamOutputHandler:
         self._ticket = ticket
         self._raise_on_cancel = raise_on_cancel
         self._schema = OutputSchema()
-        self.discarded = 0  # outputs sent after the request was over
 
     @property
     def cancelled(self) -> bool:
@@ -140,9 +139,9 @@ class StreamOutputHandler:
         return True
 
     def _closed(self, reason: str) -> None:
+        """The output is dropped; packages that asked to stop early are told so."""
         if self._raise_on_cancel:
             raise StreamClosed(reason)
-        self.discarded += 1
 
 
 class PackageBackend:
