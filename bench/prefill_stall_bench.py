@@ -92,13 +92,16 @@ def run_once(checkpoint: Path, args: argparse.Namespace, *, long_prompt: bool, c
         ttft = 0.0
         if long_prompt:
             first = GapSink()
-            prompt = [1] + [(7 * i) % 7000 + 3 for i in range(args.prompt_tokens - 1)]
+            vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+            prompt = [1] + [(7 * i) % (vocab - 3) + 3 for i in range(args.prompt_tokens - 1)]  # ids the model has
             engine.submit(request(prompt, 4), first)
             wait_until(lambda: first.times or first.ended_at, "the long prompt's first token")
             ttft = (first.times[0] if first.times else first.ended_at) - window_start
         window_end = max(time.perf_counter(), window_start + args.window)
         while time.perf_counter() < window_end:
             time.sleep(0.005)
+        if engine.error is not None:  # numbers from a failed engine would read as a stall
+            raise SystemExit(f"the engine failed: {engine.error}")
         gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:]) if window_start <= b <= window_end]
         return gaps, ttft
     finally:
@@ -107,6 +110,8 @@ def run_once(checkpoint: Path, args: argparse.Namespace, *, long_prompt: bool, c
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        raise SystemExit("no token arrived in the measured window: the engine failed or --window is too short")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
