@@ -3,13 +3,16 @@
 Only ``nn.Module``s live here: no files, threads or HTTP. Parameter names match HF's
 ``LlamaForCausalLM`` so a checkpoint's state dict loads as it is.
 
-Three ways through the model:
+The ways through the model:
 - ``forward(tokens)``: causal attention over the tokens alone, no cache (training, tests).
 - ``prefill(tokens, rows, lengths)``: several prompts at once, right-padded to one length; fills
   cache rows ``rows`` from position 0. Causal attention keeps padding out of every real position, and
   the padding's cached keys lie past each row's length, where decode masks them (and overwrites them).
 - ``decode(tokens, positions)``: one new token for each of the first B cache rows, each at its own
-  position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy.
+  position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy. A
+  few much longer rows may attend on their own (``alone``, planned by models/attention_plan.py).
+- ``prefill_chunk`` / ``decode_with_chunk``: the next piece of one long prompt, alone or in the same
+  pass as a decode step (one read of the weights for both).
 
 ``fuse_projections()`` (the runner calls it once at load) lays q/k/v and gate/up weights out as one
 matrix each, the separate parameters becoming views of it: one matmul where there were three (two),
@@ -78,6 +81,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` tokens of one sequence [1, H, T, D] as one token per row: [rows, H, 1, D]."""
+    return x[0, :, :rows].transpose(0, 1).unsqueeze(2)
 
 
 def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
@@ -174,29 +182,60 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str,
                 rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, keys: int | None = None,
-                row: int | None = None, start: int = 0) -> torch.Tensor:
+                row: int | None = None, start: int = 0, chunk_mask: torch.Tensor | None = None,
+                alone: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
         if mode == "decode":
-            assert self.cache is not None and slots is not None and keys is not None
-            self.cache.write_step(slots, k, v)
-            k, v = self.cache.view(batch, keys)  # [B, KV, L, D]
-            # No mask when every row sees all L keys (batch 1, or rows of one length).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = self._decode_attention(q, k, v, slots, mask, keys, alone)
         elif mode == "chunk":
-            # A piece of a long prompt: its keys join the row's earlier ones, and query i (at position
-            # start + i) sees every key up to its own position.
-            assert self.cache is not None and row is not None and mask is not None
-            k, v = self.cache.write_chunk(row, start, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = self._chunk_attention(q, k, v, row, start, mask)
+        elif mode == "mixed":
+            # One sequence of B decode tokens (one per cache row 0..B-1) then C tokens of a long prompt's
+            # chunk: the projections and the MLP run once over all of them (the weights are read once a
+            # step), attention runs for each part on its own.
+            assert slots is not None
+            rows_decoding = slots.shape[0] // self.n_kv_heads
+            decoded = self._decode_attention(*(per_row(t, rows_decoding) for t in (q, k, v)),
+                                             slots, mask, keys, alone)  # [B, H, 1, D]
+            chunked = self._chunk_attention(q[:, :, rows_decoding:], k[:, :, rows_decoding:], v[:, :, rows_decoding:],
+                                            row, start, chunk_mask)  # [1, H, C, D]
+            out = torch.cat([decoded.squeeze(2).transpose(0, 1).unsqueeze(0), chunked], dim=2)  # [1, H, B+C, D]
         else:
             if mode == "prefill":
                 assert self.cache is not None and rows is not None
                 self.cache.write_prompt(rows, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(out)
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None,
+                          mask: torch.Tensor | None, keys: int | None, alone: tuple[tuple[int, int], ...] = ()
+                          ) -> torch.Tensor:
+        """One new token for each of cache rows 0..B-1: q, k, v [B, H|KV, 1, D]. -> [B, H, 1, D]
+
+        Rows in ``alone`` (row, length) attend over exactly their own keys; the shared attention's result
+        for them (over ``keys`` keys only) is replaced."""
+        assert self.cache is not None and slots is not None and keys is not None
+        self.cache.write_step(slots, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        k, v = self.cache.view(q.shape[0], keys)  # [B, KV, L, D]
+        # No mask when every row sees all L keys (batch 1, or rows of one length).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        for row, length in alone:
+            out[row:row + 1] = F.scaled_dot_product_attention(
+                q[row:row + 1], self.cache.k[row:row + 1, :, :length], self.cache.v[row:row + 1, :, :length],
+                enable_gqa=gqa)
+        return out
+
+    def _chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int | None, start: int,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """A piece of a long prompt, q, k, v [1, H|KV, C, D]: its keys join the row's earlier ones, and query i
+        (at position start + i) sees every key up to its own position. -> [1, H, C, D]"""
+        assert self.cache is not None and row is not None and mask is not None
+        k, v = self.cache.write_chunk(row, start, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -298,35 +337,59 @@ class Llama(nn.Module):
 
         A long prompt prefilled in chunks, one per engine step, keeps the running streams decoding between
         them instead of waiting for the whole prompt (models/scheduler.py)."""
-        length = tokens.shape[0]
-        positions = torch.arange(start, start + length, device=tokens.device)
-        keys = torch.arange(start + length, device=tokens.device)
-        mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [C, start+C]
-        mask = mask.to(self.lm_head.weight.dtype)[None, None]  # [1, 1, C, start+C]
+        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)
         hidden = self._run(tokens.unsqueeze(0), positions.unsqueeze(0), mode="chunk", row=row, start=start,
-                           mask=mask)
+                           mask=self._chunk_mask(positions, start + tokens.shape[0]))
         return self.lm_head(hidden[0, -1])
 
+    def _chunk_mask(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+        """Query i of a chunk (at ``positions[i]``, the last at ``end - 1``) sees every key up to its own
+        position. -> [1, 1, C, end]"""
+        keys = self.rotary.positions[:end]
+        mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [C, end]
+        return mask.to(self.lm_head.weight.dtype)[None, None]
+
+    def _decode_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Row b sees its own positions 0..positions[b]; longer rows' keys are masked out. -> [B, 1, 1, L]
+        An additive mask built once per step: SDPA would otherwise convert a boolean one in every layer."""
+        keys = self.rotary.positions[:length]
+        mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [B, L]
+        return mask.to(self.lm_head.weight.dtype)[:, None, None, :]
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,
-               ragged: bool = True) -> torch.Tensor:
+               ragged: bool = True, alone: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
         """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]
 
         ``length`` (max position + 1) saves a device sync when the caller already knows it; ``ragged``
         False says every row is at the same position (batch 1 always is), so attention needs no mask.
+        ``alone``: (row, length) of rows that attend on their own over their ``length`` keys, the others
+        sharing one attention over ``length`` keys (models/attention_plan.py).
         """
         if length is None:
             length = int(positions.max()) + 1
-        mask = None
-        if ragged:
-            # Row b sees its own positions 0..positions[b]; longer rows' keys are masked out. An additive
-            # mask built once per step: SDPA would otherwise convert a boolean one in every layer.
-            keys = self.rotary.positions[:length]
-            mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [B, L]
-            mask = mask.to(self.lm_head.weight.dtype)[:, None, None, :]  # [B, 1, 1, L]
+        mask = self._decode_mask(positions, length) if ragged else None
         slots = self.model.layers[0].self_attn.cache.slots(positions)  # the same in every layer
         hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask,
-                           keys=length)
+                           keys=length, alone=alone)
         return self.lm_head(hidden[:, 0])
+
+    def decode_with_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, ragged: bool,
+                          chunk: torch.Tensor, row: int, start: int, alone: tuple[tuple[int, int], ...] = ()
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` for cache rows 0..B-1 and ``prefill_chunk`` of ``chunk`` [C] into row ``row`` (past
+        B) in one pass: the weights are read once for both, so the chunk costs its tokens' arithmetic
+        and attention, not another pass over the weights. -> (decode logits [B, V], the chunk's last
+        position's logits [V])"""
+        batch, size = tokens.shape[0], chunk.shape[0]
+        chunk_positions = torch.arange(start, start + size, device=tokens.device)
+        slots = self.model.layers[0].self_attn.cache.slots(positions)
+        hidden = self._run(torch.cat([tokens, chunk]).unsqueeze(0),
+                           torch.cat([positions, chunk_positions]).unsqueeze(0), mode="mixed", slots=slots,
+                           mask=self._decode_mask(positions, length) if ragged else None, keys=length, alone=alone,
+                           row=row, start=start, chunk_mask=self._chunk_mask(chunk_positions, start + size))
+        # hidden [1, B+C, hidden]
+        logits = self.lm_head(torch.cat([hidden[0, :batch], hidden[0, -1:]]))  # [B+1, V]
+        return logits[:batch], logits[batch]
 
     def move_cache_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of row ``src`` into row ``dst`` in every layer."""

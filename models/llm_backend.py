@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from models.checkpoint import load_config, load_meta, load_model
+from models.chunk_budget import ChunkBudget
 from models.config import LlamaConfig
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
@@ -18,9 +20,10 @@ from models.sequence import Sequence
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("rivulet.engine")
-# Prompt tokens per chunk of a long prompt (RIVULET_PREFILL_CHUNK_TOKENS): each engine step runs one chunk
-# beside the decode step of the running rows, so a long prompt adds about one chunk's time to their
-# inter-token latency instead of stalling them for the whole prompt.
+# The largest chunk of a long prompt (RIVULET_PREFILL_CHUNK_TOKENS): each engine step runs one chunk beside
+# the decode step of the running rows, so a long prompt adds a chunk's time to their inter-token latency
+# instead of stalling them for the whole prompt. While rows decode, the chunk is smaller: sized from the
+# measured step times (models/chunk_budget.py).
 DEFAULT_PREFILL_CHUNK = 256
 
 
@@ -61,6 +64,7 @@ class LlamaBackend:
         # Prompts longer than this are prefilled a chunk per step beside the running rows (the scheduler
         # reads it); None or 0: every prompt in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens or None
+        self.chunk_budget = ChunkBudget(self.prefill_chunk_tokens) if self.prefill_chunk_tokens else None
 
     def load(self) -> None:
         """Runs on the engine thread: the weights and the cache live there."""
@@ -101,12 +105,26 @@ class LlamaBackend:
         if batch.prefill:
             seqs = [self._sequence(ticket) for ticket in batch.prefill]
             return self._step(batch.prefill, lambda: self.runner.prefill(seqs))
-        outputs = self._step(batch.decode, self.runner.decode) if batch.decode else []
-        if batch.chunk is not None:  # after the decode step: a prompt completed now decodes from the next
-            seq = batch.chunk.work or self._sequence(batch.chunk)
-            outputs += self._step((batch.chunk,), lambda: [
-                result for result in [self.runner.prefill_chunk(seq, self.prefill_chunk_tokens)] if result])
+        if not (batch.decode or batch.chunk is not None):
+            return []
+        chunk_of, chunk_tokens = None, 0
+        if batch.chunk is not None:
+            chunk_of = batch.chunk.work or self._sequence(batch.chunk)
+            chunk_tokens = self._chunk_tokens(chunk_of, decoding_rows=len(batch.decode))
+        tickets = batch.decode + ((batch.chunk,) if batch.chunk is not None else ())
+        started = time.perf_counter()
+        # Ends on reading the sampled tokens back, so on a GPU too the time is the step's, chunk included.
+        outputs = self._step(tickets, lambda: self.runner.decode(chunk_of, chunk_tokens))
+        if self.chunk_budget is not None and batch.decode:
+            self.chunk_budget.record_step(time.perf_counter() - started, chunk_tokens, len(batch.decode))
         return outputs
+
+    def _chunk_tokens(self, seq: Sequence, decoding_rows: int) -> int:
+        """The size of a long prompt's next chunk: what the running rows can wait for, at most what is left."""
+        if self.chunk_budget is None or self.runner is None:
+            raise RuntimeError("a prompt chunk with chunked prefill off")  # the scheduler never makes one
+        done = self.runner.chunked if self.runner.chunking is seq else 0
+        return min(self.chunk_budget.next_chunk(decoding_rows), len(seq.request.prompt_ids) - done)
 
     def _sequence(self, ticket: Ticket) -> Sequence:
         ticket.work = Sequence(ticket.request, self.tokenizer, self.eos_ids, self.context_length)

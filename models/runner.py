@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from models.api import TokenLogprob
+from models.attention_plan import plan_decode_attention
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
@@ -80,24 +81,37 @@ class LlamaRunner:
         return self.max_batch - len(self.rows) - (self.chunking is not None)
 
     def prefill_chunk(self, seq: Sequence, budget: int) -> StepResult | None:
-        """Cache the next ``budget`` tokens of ``seq``'s prompt. -> once the prompt is complete, its first
-        sampled token (it then holds a row and decodes with the others); None before that.
+        """Cache the next ``budget`` tokens of ``seq``'s prompt, alone (no row is decoding). -> once the
+        prompt is complete, its first sampled token (it then holds a row and decodes with the others);
+        None before that."""
+        error = self._start_chunking(seq)
+        if error is not None:
+            return error
+        chunk = self._next_chunk(seq, budget)
+        logits = self.model.prefill_chunk(self._ids(chunk), self.chunk_row, self.chunked)  # [V]
+        return self._chunk_done(seq, len(chunk), logits)
 
-        One chunk per engine step, beside the running rows' decode step: a long prompt costs each of their
-        steps one chunk's time instead of stalling them for the whole prompt."""
-        if self.chunking is not seq:
-            if self.chunking is not None or len(self.rows) >= self.max_batch:
-                raise RuntimeError("no free cache row for a chunked prefill")  # the scheduler admits one
-            error = prompt_error(seq.request.prompt_ids, self.max_seq)
-            if error is not None:
-                return StepResult(seq, None, error)
-            seq.generator = make_generator(seq.params, self.device)
-            self.chunking, self.chunked = seq, 0
+    def _start_chunking(self, seq: Sequence) -> StepResult | None:
+        """Take the chunk row for ``seq`` if it is new there. -> its failure, if its prompt cannot fit."""
+        if self.chunking is seq:
+            return None
+        if self.chunking is not None or len(self.rows) >= self.max_batch:
+            raise RuntimeError("no free cache row for a chunked prefill")  # the scheduler admits one
+        error = prompt_error(seq.request.prompt_ids, self.max_seq)
+        if error is not None:
+            return StepResult(seq, None, error)
+        seq.generator = make_generator(seq.params, self.device)
+        self.chunking, self.chunked = seq, 0
+        return None
+
+    def _next_chunk(self, seq: Sequence, budget: int) -> list[int]:
+        return seq.request.prompt_ids[self.chunked:self.chunked + budget]
+
+    def _chunk_done(self, seq: Sequence, size: int, logits: torch.Tensor) -> StepResult | None:
+        """Count a chunk of ``size`` tokens as cached; if it completed the prompt, move the prompt into the
+        next running row and -> its first sampled token from ``logits`` [V]."""
+        self.chunked += size
         prompt = seq.request.prompt_ids
-        start = self.chunked
-        chunk = prompt[start:start + budget]
-        logits = self.model.prefill_chunk(self._ids(chunk), self.chunk_row, start)  # [V]
-        self.chunked += len(chunk)
         if self.chunked < len(prompt):
             return None
         row = len(self.rows)
@@ -168,10 +182,18 @@ class LlamaRunner:
         sampled = sample(logits, [s.params for s in group], [s.generator for s in group], histories(group))
         return step_results(group, logits, sampled)
 
-    def decode(self) -> list[StepResult]:
-        """One step for every running sequence, in row order."""
+    def decode(self, chunk_of: Sequence | None = None, chunk_budget: int = 0) -> list[StepResult]:
+        """One step for every running sequence, in row order; with ``chunk_of``, the next ``chunk_budget``
+        tokens of that long prompt go through the same pass (one read of the weights for both), and its
+        result follows the rows' when the prompt completes (or cannot fit)."""
         if not self.rows:
-            return []
+            if chunk_of is None:
+                return []
+            result = self.prefill_chunk(chunk_of, chunk_budget)
+            return [result] if result is not None else []
+        chunk_result = self._start_chunking(chunk_of) if chunk_of is not None else None
+        if chunk_result is not None:  # its prompt cannot fit: it fails, the rows decode alone
+            chunk_of = None
         started = time.perf_counter()
         threads = None
         if self.thread_policy is not None:
@@ -181,14 +203,26 @@ class LlamaRunner:
         positions_list = list(self.cached)
         tokens = self._ids([s.last_token for s in self.rows])
         positions = self._ids(positions_list)
-        first, last = min(positions_list), max(positions_list)
-        logits = self.model.decode(tokens, positions, last + 1, ragged=first != last)  # [B, V]
+        plan = plan_decode_attention([n + 1 for n in positions_list])
+        alone_rows = {row for row, _ in plan.alone}
+        # The shared attention needs a mask unless every row in it sees all its keys.
+        ragged = any(n + 1 < plan.shared_keys for row, n in enumerate(positions_list) if row not in alone_rows)
+        if chunk_of is None:
+            logits = self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone)  # [B, V]
+        else:
+            chunk = self._next_chunk(chunk_of, chunk_budget)
+            logits, chunk_logits = self.model.decode_with_chunk(tokens, positions, plan.shared_keys, ragged,
+                                                                self._ids(chunk), self.chunk_row, self.chunked,
+                                                                plan.alone)
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
-        if threads is not None:  # the sampled tokens are on the host: the step is over
+        if threads is not None and chunk_of is None:  # the tokens are on the host: the step is over
             self.thread_policy.record(len(rows), threads, time.perf_counter() - started)
-        return step_results(rows, logits, sampled)
+        results = step_results(rows, logits, sampled)
+        if chunk_of is not None:
+            chunk_result = self._chunk_done(chunk_of, len(chunk), chunk_logits)
+        return results + ([chunk_result] if chunk_result is not None else [])
 
     def _ids(self, values: list) -> torch.Tensor:
         """A long tensor on the model's device. On CUDA it goes through pinned memory without a wait: the

@@ -204,3 +204,36 @@ def test_a_prompt_prefilled_in_chunks_gives_the_logits_and_cache_of_one_pass():
         cache = layer.self_attn.cache
         torch.testing.assert_close(cache.k[2, :, :50], cache.k[0, :, :50])
         torch.testing.assert_close(cache.v[2, :, :50], cache.v[0, :, :50])
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_decode_step_with_a_chunk_beside_it_gives_the_logits_and_cache_of_two_passes(ragged):
+    """``decode_with_chunk`` (one pass over the weights) against ``decode`` then ``prefill_chunk``."""
+    model = random_model(tiny_config(max_position_embeddings=128), seed=2)
+    model.fuse_projections()
+    prompts = [[1, 9, 8, 7], [1, 5, 6, 7, 8, 9, 10] if ragged else [1, 4, 3, 2]]
+    long_prompt = torch.randint(3, 400, (40,), generator=torch.Generator().manual_seed(3))
+    results = []
+    for fused in (False, True):
+        model.setup_cache(4, 128)
+        with torch.inference_mode():
+            tokens, lengths = padded(prompts)
+            model.prefill(tokens, torch.tensor([0, 1]), lengths)
+            model.prefill_chunk(long_prompt[:16], row=3, start=0)  # the chunk's earlier part, in row 3
+            step = (torch.tensor([11, 12]), lengths.clone(), int(lengths.max()) + 1, ragged)
+            if fused:
+                decoded, chunked = model.decode_with_chunk(*step, long_prompt[16:40], row=3, start=16)
+            else:
+                decoded = model.decode(*step)
+                chunked = model.prefill_chunk(long_prompt[16:40], row=3, start=16)
+        caches = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in model.model.layers]
+        results.append((decoded, chunked, caches))
+    (decoded, chunked, caches), (fused_decoded, fused_chunked, fused_caches) = results
+    torch.testing.assert_close(fused_decoded, decoded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_chunked, chunked, atol=1e-4, rtol=1e-4)
+    for (k, v), (fused_k, fused_v) in zip(caches, fused_caches):
+        torch.testing.assert_close(fused_k, k, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fused_v, v, atol=1e-5, rtol=1e-4)
+    # And the chunk's logits are the whole prompt's (a one-pass forward over its 40 tokens).
+    with torch.inference_mode():
+        torch.testing.assert_close(fused_chunked, model(long_prompt[None])[0, -1], atol=1e-4, rtol=1e-4)
