@@ -17,6 +17,7 @@ import torch
 
 from models.api import TokenLogprob
 from models.attention_plan import plan_decode_attention
+from models.compiled_decode import CompiledDecode
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
@@ -54,7 +55,7 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 
 
 class LlamaRunner:
-    def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None) -> None:
+    def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -68,6 +69,12 @@ class LlamaRunner:
         if self.device.type == "cpu":
             self.thread_policy = LoadAwareThreads(idle=max(usable_cpus(), torch.get_num_threads()),
                                                   busy=torch.get_num_threads())
+        # RIVULET_COMPILE: plain decode steps through torch.compile, compiled here, before the first request
+        # (on a CPU for the thread count of a step with few streams: models/compiled_decode.py).
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
+            self.compiled.warm_up(max_batch)
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
         # A long prompt is prefilled in chunks (prefill_chunk) in the last cache row, which running rows
@@ -207,8 +214,11 @@ class LlamaRunner:
         alone_rows = {row for row, _ in plan.alone}
         # The shared attention needs a mask unless every row in it sees all its keys.
         ragged = any(n + 1 < plan.shared_keys for row, n in enumerate(positions_list) if row not in alone_rows)
-        if chunk_of is None:
-            logits = self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone)  # [B, V]
+        if chunk_of is None and not plan.alone and self.compiled is not None and self.compiled.serves(
+                torch.get_num_threads()):
+            logits = self.compiled(tokens, positions, plan.shared_keys, ragged)  # [B, V]
+        elif chunk_of is None:
+            logits = self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone)
         else:
             chunk = self._next_chunk(chunk_of, chunk_budget)
             logits, chunk_logits = self.model.decode_with_chunk(tokens, positions, plan.shared_keys, ragged,

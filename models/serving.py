@@ -39,6 +39,7 @@ class ModelSpec:
     max_waiting: int = 256
     max_context: int | None = None
     prefill_chunk_tokens: int = 256  # 0: every prompt in one pass
+    compile_decode: bool = False  # the decode step through torch.compile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,7 +58,7 @@ def open_model(spec: ModelSpec, *, backend: Backend | None = None) -> ServedMode
             backend = PackageBackend(spec.directory, device)
         else:
             backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context,
-                                   spec.prefill_chunk_tokens)
+                                   spec.prefill_chunk_tokens, spec.compile_decode)
     engine = Engine(backend, max_batch=spec.max_batch, max_waiting=spec.max_waiting)
     return ServedModel(backend, engine)
 

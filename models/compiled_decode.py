@@ -1,0 +1,111 @@
+"""The decode step through ``torch.compile`` (RIVULET_COMPILE=1), with eager as the fallback.
+
+On a CPU a small model's decode step is bound by dispatching ~1,400 small operations as much as by its
+arithmetic; inductor fuses the elementwise ones into a few C++ loops. Measured on a 2-core VM (bench-512,
+fp32, batch 1): 9.2 ms eager, 4.8 ms compiled, with two threads (bench/README.md section 10).
+
+The price is start-up time: each kind of step is compiled once, at load, before the worker says ready
+(tens of seconds on a small CPU), and a C++ compiler must be on the machine. So it is off by default.
+Anything that fails to compile is logged and the step runs eager: compiling is an optimisation, never a
+reason not to serve.
+
+Only the plain decode step is compiled: a step with a long prompt's chunk, or with rows attending alone,
+has a shape of its own each time and runs eager. On a CPU the compiled kernels keep the thread count they
+were compiled with (inductor writes it into their OpenMP pragmas), so they are compiled for every usable
+core and serve the steps that the runner's thread policy gives every core (few streams: where a step's
+speed is a user's speed); a step given fewer threads (the hub busy with many streams) runs eager.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+from models.llama import Llama
+
+log = logging.getLogger("rivulet.engine")
+
+
+class CompiledDecode:
+    def __init__(self, model: Llama, threads: int | None = None) -> None:
+        """``threads``: the torch threads to compile the CPU kernels for (None: not a CPU)."""
+        # Compile in this process: the engine thread runs inside a gevent worker, where a pool of compile
+        # subprocesses is one more thing to go wrong, for a once-per-start saving.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        self.model = model
+        # Batch size and key count vary every step: symbolic, not one graph per value.
+        self._compiled = torch.compile(model.decode, dynamic=True)
+        self.threads = threads
+        self.error: str | None = None
+
+    def serves(self, threads: int) -> bool:
+        """Whether a step run with ``threads`` torch threads goes through the compiled kernels."""
+        return self.error is None and (self.threads is None or threads == self.threads)
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile every kind of plain decode step the engine will run: batch 1 (never ragged), and a batch
+        of several rows of one length or of several. It writes into the first cache rows, which every
+        prefill overwrites before they serve."""
+        started = time.perf_counter()
+        device = self.model.lm_head.weight.device
+        shapes = [(1, False)] + ([(2, False), (2, True)] if max_batch >= 2 else [])
+        threads_before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode(), real_subprocess():
+                for batch, ragged in shapes:
+                    positions = torch.arange(batch, device=device) + 2 if ragged else torch.full(
+                        (batch,), 2, device=device)
+                    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+                    self._compiled(tokens, positions, int(positions.max()) + 1, ragged)
+        except Exception as exc:  # no compiler, an unsupported op: serve eager
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("RIVULET_COMPILE: the decode step did not compile, it runs eager: %s", self.error)
+            return
+        finally:
+            torch.set_num_threads(threads_before)
+        # From now on a step of a shape not compiled runs eager instead of compiling in the middle of serving
+        # (seconds of stall, and the engine thread cannot spawn a compiler under gevent).
+        torch.compiler.set_stance("eager_on_recompile")
+        log.info("RIVULET_COMPILE: decode step compiled in %.1f s%s", time.perf_counter() - started,
+                 f" for {self.threads} threads" if self.threads is not None else "")
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, ragged: bool) -> torch.Tensor:
+        if self.error is not None:
+            return self.model.decode(tokens, positions, length, ragged)
+        return self._compiled(tokens, positions, length, ragged)
+
+
+# What starting a compiler and waiting for it touches, as gevent may have patched it: its versions wait
+# on the main thread's loop (child watchers exist only there), so on another thread they fail or hang.
+_PROCESS_MODULES = ("subprocess", "os", "select", "selectors", "signal")
+
+
+@contextlib.contextmanager
+def real_subprocess() -> Iterator[None]:
+    """The standard library's own process functions for the duration, where gevent has patched them.
+
+    Inductor runs the C++ compiler with ``subprocess``, and the compile runs on the engine thread (where
+    the model lives), not on the thread of gevent's loop. Only for the warm-up at start-up, while the
+    web side answers no more than health checks (which start no process)."""
+    monkey = sys.modules.get("gevent.monkey")
+    saved = getattr(monkey, "saved", {}) if monkey is not None else {}
+    restored = []
+    for module_name in _PROCESS_MODULES:
+        module = sys.modules.get(module_name)
+        for name, original in saved.get(module_name, {}).items():
+            if module is not None and hasattr(module, name):
+                restored.append((module, name, getattr(module, name)))
+                setattr(module, name, original)
+    try:
+        yield
+    finally:
+        for module, name, patched in reversed(restored):
+            setattr(module, name, patched)
