@@ -96,6 +96,10 @@ def post_fork(server, worker):
     os.environ[SLOT_ENV] = str(slot)
     server.log.info("worker %s has device slot %s", worker.pid, slot)
 
+    from service.gunicorn_errors import install
+
+    install()  # gunicorn's own 400s (a malformed request line or header) as JSON, like every other error
+
 
 def post_worker_init(worker):
     """In the forked worker, app loaded: start the engine thread (it loads the model) and return at once,

@@ -9,6 +9,9 @@ sends, the answer is the parsed value or a 4xx, never a 5xx:
   - not UTF-8 (RFC 8259 says JSON text is UTF-8; a leading byte-order mark is allowed and skipped);
   - nested deeper than ``MAX_JSON_DEPTH`` arrays/objects (Python's parser would hit its recursion limit,
     and later stages walk the value recursively too);
+  - more than ``MAX_JSON_ITEMS`` array elements and object members: parsing holds the interpreter
+    (and with it every other stream of the worker) for its whole length, about 1.5 s for 12 MiB of
+    empty arrays; counted in C before parsing, so such a body costs a fraction of that;
   - ``NaN``, ``Infinity``, ``-Infinity`` (Python reads them by default; JSON has no such literals), and
     numbers too large for a double (``1e999`` would become infinity);
   - integers longer than Python converts (``sys.get_int_max_str_digits()``, 4300 digits);
@@ -35,6 +38,9 @@ from models.errors import BodyTimeout, BodyTooLarge, InvalidJson
 # Arrays/objects inside each other. Real requests use 4 or 5 (chat messages with content parts); a
 # package's structured STRING input may nest more. Far below the interpreter's recursion limit.
 MAX_JSON_DEPTH = 64
+# Array elements and object members (commas outside strings, give or take one per container). A prompt
+# of token ids as long as a 128k context fits with room; 12 MiB of tiny values does not.
+MAX_JSON_ITEMS = 262_144
 _READ_CHUNK = 64 * 1024
 
 
@@ -116,6 +122,10 @@ def parse_json(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidJson(f"the request body is not UTF-8 (byte {exc.start} is not valid); JSON must be "
                           "UTF-8 text") from None
+    if _more_items_than(data, MAX_JSON_ITEMS):
+        raise InvalidJson(f"the request body holds more than {MAX_JSON_ITEMS:,} array elements and object "
+                          "members; send fewer (a prompt of token ids longer than any context is the usual "
+                          "cause)")
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
                            parse_int=_int, object_pairs_hook=_object_without_repeated_keys)
@@ -190,6 +200,15 @@ def _nested_deeper_than(data: bytes, limit: int) -> bool:
         if not brackets:
             return False
     return True
+
+
+def _more_items_than(data: bytes, limit: int) -> bool:
+    """Are there more than ``limit`` commas outside the strings of ``data``? In C: a count, and only when
+    that finds more than ``limit`` commas at all, a regex pass that drops the strings first (prose with
+    many commas is one string)."""
+    if data.count(b",") <= limit:
+        return False
+    return _STRING.sub(b"", data).count(b",") > limit
 
 
 def _has_lone_surrogate(value: Any) -> bool:

@@ -86,6 +86,14 @@ def _http_exception_error(exc: HTTPException) -> RivuletError:
     return error
 
 
+def protocol_error_body(status: int, reason: str, detail: str) -> dict[str, Any]:
+    """gunicorn's own refusals, before any route runs (a malformed request line, a header too large), in
+    the same shape as every other error: ``reason`` is the status text, ``detail`` what gunicorn saw."""
+    return {"error": {"message": f"{reason}: {detail}" if detail else reason,
+                      "type": "invalid_request_error" if status < 500 else "internal_error",
+                      "code": reason.lower().replace(" ", "_"), "param": None}}
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(RivuletError)
     def _rivulet_error(exc: RivuletError) -> Response:

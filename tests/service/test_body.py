@@ -6,7 +6,7 @@ import json
 import pytest
 
 from models.errors import BodyTimeout, InvalidJson
-from service.body import MAX_JSON_DEPTH, parse_json, read_body
+from service.body import MAX_JSON_DEPTH, MAX_JSON_ITEMS, parse_json, read_body
 
 CHAT = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 3}
 
@@ -22,6 +22,19 @@ CHAT = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}
 ])
 def test_valid_json_is_parsed(data, value):
     assert parse_json(data) == value
+
+
+def test_items_up_to_the_limit_are_accepted_more_are_refused_before_parsing():
+    prompt = [7] * MAX_JSON_ITEMS  # MAX_JSON_ITEMS - 1 commas, and one more in the object
+    assert parse_json(json.dumps({"prompt": prompt, "max_tokens": 3}).encode())["prompt"] == prompt
+    with pytest.raises(InvalidJson, match=f"more than {MAX_JSON_ITEMS:,} array elements"):
+        parse_json(json.dumps({"prompt": prompt + [7], "max_tokens": 3}).encode())
+    # 12 MiB of empty arrays: refused at once (parsing them would hold the worker for over a second).
+    with pytest.raises(InvalidJson, match="array elements and object members"):
+        parse_json(b"[" + b"[]," * (4 * 1024 * 1024 - 1) + b"[]]")
+    # Commas inside strings are text, not items.
+    prose = "one, two, " * MAX_JSON_ITEMS
+    assert parse_json(json.dumps({"prompt": prose}).encode()) == {"prompt": prose}
 
 
 def nested(depth: int) -> bytes:
