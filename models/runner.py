@@ -208,22 +208,8 @@ class LlamaRunner:
             self._set_threads(threads)
         # A row's newest token sits at the position after its cached ones.
         positions_list = list(self.cached)
-        tokens = self._ids([s.last_token for s in self.rows])
-        positions = self._ids(positions_list)
-        plan = plan_decode_attention([n + 1 for n in positions_list])
-        alone_rows = {row for row, _ in plan.alone}
-        # The shared attention needs a mask unless every row in it sees all its keys.
-        ragged = any(n + 1 < plan.shared_keys for row, n in enumerate(positions_list) if row not in alone_rows)
-        if chunk_of is None and not plan.alone and self.compiled is not None and self.compiled.serves(
-                torch.get_num_threads()):
-            logits = self.compiled(tokens, positions, plan.shared_keys, ragged)  # [B, V]
-        elif chunk_of is None:
-            logits = self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone)
-        else:
-            chunk = self._next_chunk(chunk_of, chunk_budget)
-            logits, chunk_logits = self.model.decode_with_chunk(tokens, positions, plan.shared_keys, ragged,
-                                                                self._ids(chunk), self.chunk_row, self.chunked,
-                                                                plan.alone)
+        chunk = self._next_chunk(chunk_of, chunk_budget) if chunk_of is not None else []
+        logits, chunk_logits = self._forward(positions_list, chunk)
         self.cached = [n + 1 for n in positions_list]
         rows = list(self.rows)
         sampled = sample(logits, [s.params for s in rows], [s.generator for s in rows], histories(rows))
@@ -233,6 +219,22 @@ class LlamaRunner:
         if chunk_of is not None:
             chunk_result = self._chunk_done(chunk_of, len(chunk), chunk_logits)
         return results + ([chunk_result] if chunk_result is not None else [])
+
+    def _forward(self, positions_list: list[int], chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decode pass for every row at ``positions_list``, with ``chunk`` (tokens of the long prompt
+        being prefilled, or none) in the same pass. -> (logits [B, V], the chunk's last logits [V] or None)"""
+        tokens = self._ids([s.last_token for s in self.rows])
+        positions = self._ids(positions_list)
+        plan = plan_decode_attention([n + 1 for n in positions_list])
+        alone_rows = {row for row, _ in plan.alone}
+        # The shared attention needs a mask unless every row in it sees all its keys.
+        ragged = any(n + 1 < plan.shared_keys for row, n in enumerate(positions_list) if row not in alone_rows)
+        if chunk:
+            return self.model.decode_with_chunk(tokens, positions, plan.shared_keys, ragged, self._ids(chunk),
+                                                self.chunk_row, self.chunked, plan.alone)
+        if not plan.alone and self.compiled is not None and self.compiled.serves(torch.get_num_threads()):
+            return self.compiled(tokens, positions, plan.shared_keys, ragged), None
+        return self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone), None
 
     def _ids(self, values: list) -> torch.Tensor:
         """A long tensor on the model's device. On CUDA it goes through pinned memory without a wait: the
