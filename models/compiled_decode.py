@@ -2,7 +2,8 @@
 
 On a CPU a small model's decode step is bound by dispatching ~1,400 small operations as much as by its
 arithmetic; inductor fuses the elementwise ones into a few C++ loops. Measured on a 2-core VM (bench-512,
-fp32, batch 1): 9.2 ms eager, 4.8 ms compiled, with two threads (bench/README.md section 10).
+fp32, engine alone, batch 1, two threads): 7.2-9.0 ms eager, 5.6-6.8 ms compiled (bench/README.md
+section 10).
 
 The price is start-up time: each kind of step is compiled once, at load, before the worker says ready
 (tens of seconds on a small CPU), and a C++ compiler must be on the machine. So it is off by default.
@@ -14,6 +15,8 @@ has a shape of its own each time and runs eager. On a CPU the compiled kernels k
 were compiled with (inductor writes it into their OpenMP pragmas), so they are compiled for every usable
 core and serve the steps that the runner's thread policy gives every core (few streams: where a step's
 speed is a user's speed); a step given fewer threads (the hub busy with many streams) runs eager.
+Inductor's ``cpp.dynamic_threads`` (kernels that take the thread count of the moment) was measured too:
+it lost the whole gain (7.4-8.0 ms against 5.6-5.7 ms baked, 7.2-7.5 ms eager).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class CompiledDecode:
         self._compiled = torch.compile(model.decode, dynamic=True)
         self.threads = threads
         self.error: str | None = None
+        self.steps = 0  # steps the compiled kernels ran (not the warm-up's)
 
     def serves(self, threads: int) -> bool:
         """Whether a step run with ``threads`` torch threads goes through the compiled kernels."""
@@ -80,6 +84,7 @@ class CompiledDecode:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, ragged: bool) -> torch.Tensor:
         if self.error is not None:
             return self.model.decode(tokens, positions, length, ragged)
+        self.steps += 1
         return self._compiled(tokens, positions, length, ragged)
 
 
