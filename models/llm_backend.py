@@ -52,7 +52,7 @@ class LlamaBackend:
 
     def __init__(self, directory: Path, device: torch.device, max_batch: int,
                  max_context: int | None = None, prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, prefix_caching: bool = True) -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -66,6 +66,7 @@ class LlamaBackend:
         # reads it); None or 0: every prompt in one pass.
         self.prefill_chunk_tokens = prefill_chunk_tokens or None
         self.compile_decode = compile_decode  # RIVULET_COMPILE (models/compiled_decode.py)
+        self.prefix_caching = prefix_caching  # RIVULET_PREFIX_CACHING (models/prefix_cache.py)
         self.chunk_budget = ChunkBudget(self.prefill_chunk_tokens) if self.prefill_chunk_tokens else None
 
     def load(self) -> None:
@@ -81,7 +82,7 @@ class LlamaBackend:
             log.warning("the KV cache of RIVULET_MAX_BATCH=%d sequences of %d tokens does not fit in the %.1f GiB "
                         "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",
                         self.max_batch, self.context_length, free / GiB, self.device, batch)
-        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode)
+        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching)
         log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens", self.directory, self.device, dtype,
                  kv_cache_bytes(model.config, batch, self.context_length, dtype) / GiB, batch, self.context_length)
 

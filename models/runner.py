@@ -18,6 +18,7 @@ import torch
 from models.api import TokenLogprob
 from models.attention_plan import plan_decode_attention
 from models.compiled_decode import CompiledDecode
+from models.prefix_cache import best_source
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
@@ -55,7 +56,8 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 
 
 class LlamaRunner:
-    def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False) -> None:
+    def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
+                 prefix_caching: bool = True) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -75,6 +77,10 @@ class LlamaRunner:
         if compile_decode:
             self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
             self.compiled.warm_up(max_batch)
+        # A prompt that begins like a running row's starts from a copy of its cached prefix
+        # (models/prefix_cache.py). Counted for the log and the tests: prompt tokens not computed.
+        self.prefix_caching = prefix_caching
+        self.prefix_tokens_reused = 0
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
         # A long prompt is prefilled in chunks (prefill_chunk) in the last cache row, which running rows
@@ -108,8 +114,22 @@ class LlamaRunner:
         if error is not None:
             return StepResult(seq, None, error)
         seq.generator = make_generator(seq.params, self.device)
-        self.chunking, self.chunked = seq, 0
+        self.chunking, self.chunked = seq, self._copy_shared_prefix(seq, self.chunk_row, len(self.rows))
         return None
+
+    def _copy_shared_prefix(self, seq: Sequence, row: int, running: int) -> int:
+        """Copy into ``row`` the longest prefix of ``seq``'s prompt that one of the first ``running`` rows
+        has cached (prefix caching). -> how many positions were copied (0: none long enough)."""
+        if not self.prefix_caching:
+            return 0
+        candidates = [(r, self.rows[r].request.prompt_ids, self.cached[r]) for r in range(running)]
+        source = best_source(seq.request.prompt_ids, candidates)
+        if source is None:
+            return 0
+        source_row, shared = source
+        self.model.move_cache_row(source_row, row, shared)
+        self.prefix_tokens_reused += shared
+        return shared
 
     def _next_chunk(self, seq: Sequence, budget: int) -> list[int]:
         return seq.request.prompt_ids[self.chunked:self.chunked + budget]
@@ -147,6 +167,7 @@ class LlamaRunner:
             self._set_threads(self.thread_policy.prefill_threads(len(self.rows)))
         results: dict[int, StepResult] = {}
         valid: list[Sequence] = []
+        running = len(self.rows)  # rows with their prompts cached: sources for prefix caching
         for seq in seqs:
             seq.row = len(self.rows)
             self.rows.append(seq)
@@ -157,10 +178,24 @@ class LlamaRunner:
             else:
                 seq.generator = make_generator(seq.params, self.device)
                 valid.append(seq)
-        for group in self._prefill_groups(valid):
+        whole = []
+        for seq in valid:  # a prompt that begins like a running row's computes only the rest
+            shared = self._copy_shared_prefix(seq, seq.row, running)
+            if shared:
+                results[id(seq)] = self._prefill_rest(seq, shared)
+            else:
+                whole.append(seq)
+        for group in self._prefill_groups(whole):
             for result in self._prefill_group(group):
                 results[id(result.seq)] = result
         return [results[id(seq)] for seq in seqs]
+
+    def _prefill_rest(self, seq: Sequence, start: int) -> StepResult:
+        """Prefill ``seq``'s prompt from ``start`` on, its row holding the positions before. -> its first token."""
+        prompt = seq.request.prompt_ids
+        logits = self.model.prefill_chunk(self._ids(prompt[start:]), seq.row, start).unsqueeze(0)  # [1, V]
+        self.cached[seq.row] = len(prompt)
+        return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
 
     @staticmethod
     def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     # compiled at start-up: tens of seconds more before a worker is ready, and a C++ compiler needed
     # (without one, the step runs eager and the log says why).
     compile: bool = False
+    # A prompt that begins with 64 or more of the same tokens as a running request's prompt (a shared
+    # system prompt) copies that row's cached keys instead of computing them (models/prefix_cache.py).
+    prefix_caching: bool = True
 
     # --- who may call, and how much ---
     # Accepted tokens (X-Auth-Token: T or Authorization: Bearer T). Empty = no authentication.

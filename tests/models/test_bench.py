@@ -95,3 +95,18 @@ def test_prefill_stall_bench_runs_every_way(tmp_path, capsys):
     for name in ("one pass", "chunks up to 32"):  # both ways measured gaps and the long prompt's first token
         p50, p99, ratio, ttft = rows[name]
         assert 0 < float(p50) <= float(p99) and ratio.endswith("x") and float(ttft) > 0
+
+
+def test_prefix_bench_measures_both_ways(tmp_path, capsys):
+    from bench import prefix_bench
+
+    write_random_checkpoint("tiny-gqa", tmp_path / "ckpt")
+    prefix_bench.main([str(tmp_path / "ckpt"), "--streams", "2", "--system-tokens", "100", "--question-tokens", "5",
+                       "--tokens", "400", "--chunk", "32", "--context", "1024", "--rounds", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {name: line[len(name):].split() for line in lines
+            for name in ("prefix caching", "no prefix caching") if line.startswith(name)}
+    assert float(rows["prefix caching"][0]) > 0 and float(rows["no prefix caching"][0]) > 0
+    # The second running stream and the new request copied the 100-token system prompt; without, nothing.
+    assert rows["prefix caching"][1] == "200" and rows["no prefix caching"][1] == "0"
+    assert lines[-1].startswith("time to first token without / with prefix caching: ") and lines[-1].endswith("x")
