@@ -124,6 +124,12 @@ class ServedModel:
         return schema.parse(body)
 
     @property
+    def prefix_cached_tokens(self) -> int:
+        """Prompt tokens copied from a running request's cache instead of computed (prefix caching)."""
+        runner = getattr(self._backend, "runner", None)
+        return int(getattr(runner, "prefix_tokens_reused", 0))
+
+    @property
     def drained_requests(self) -> int:
         """Package requests whose client left while ``infer`` ran on to its end (see models/package.py)."""
         return int(getattr(self._backend, "drained_requests", 0))

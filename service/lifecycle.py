@@ -58,7 +58,8 @@ class Runtime:
         model = open_model(spec, backend=backend)
         engine = model.engine
         metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count,
-                          drained=lambda: model.drained_requests)
+                          drained=lambda: model.drained_requests,
+                          prefix_cached=lambda: model.prefix_cached_tokens)
         return cls(settings, model, metrics)
 
     @property

@@ -46,16 +46,30 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_DIR_ENV))
 
 
+class EngineCount:
+    """A counter the engine keeps as a plain number (its thread touches no Prometheus object), copied
+    into ``counter`` at each refresh: what it grew by since the last one."""
+
+    def __init__(self, counter: Counter, read: Callable[[], int]) -> None:
+        self.counter = counter
+        self.read = read
+        self.counted = 0
+
+    def refresh(self) -> None:
+        value = self.read()
+        if value > self.counted:
+            self.counter.inc(value - self.counted)
+            self.counted = value
+
+
 class Metrics:
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int],
-                 drained: Callable[[], int] = lambda: 0) -> None:
+                 drained: Callable[[], int] = lambda: 0, prefix_cached: Callable[[], int] = lambda: 0) -> None:
         # The *_created series double the output and no dashboard here reads them (process-wide switch).
         disable_created_metrics()
         self.multiprocess = multiprocess_mode()
         self._read_running = running
         self._read_waiting = waiting
-        self._read_drained = drained
-        self._drained_counted = 0
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("rivulet_requests_running", "Requests in the engine's running batch.", registry=r,
@@ -91,6 +105,13 @@ class Metrics:
         # copied here at each refresh and scrape.
         self.package_drained = Counter("rivulet_package_drained_total",
                                        "Package requests whose infer ran on after their client left.", registry=r)
+        # Prompt tokens whose keys and values a request copied from a running request's cache instead of
+        # computing them (models/prefix_cache.py): how much a shared system prompt saves.
+        self.prefix_cached_tokens = Counter("rivulet_prefix_cached_tokens_total",
+                                            "Prompt tokens copied from a running request's cache (prefix caching).",
+                                            registry=r)
+        self._engine_counts = [EngineCount(self.package_drained, drained),
+                               EngineCount(self.prefix_cached_tokens, prefix_cached)]
 
     @contextlib.contextmanager
     def open_stream(self) -> Iterator[None]:
@@ -101,12 +122,10 @@ class Metrics:
             self.open_streams.dec()
 
     def refresh_engine_gauges(self) -> None:
-        """Copy the engine's drain count; in multiprocess mode also write this worker's running/waiting
+        """Copy the engine's counts; in multiprocess mode also write this worker's running/waiting
         counts to its file."""
-        drained = self._read_drained()
-        if drained > self._drained_counted:
-            self.package_drained.inc(drained - self._drained_counted)
-            self._drained_counted = drained
+        for count in self._engine_counts:
+            count.refresh()
         if self.multiprocess:
             self.running.set(self._read_running())
             self.waiting.set(self._read_waiting())
