@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from models.engine import Engine
-from models.engine_loop import Backend
+from models.engine_loop import DEAD, Backend
 from models.errors import InvalidRequest
 from models.llm_backend import LlamaBackend
 from models.package import PackageBackend, is_package_dir
@@ -25,8 +25,8 @@ from models.package_schema import INT64_MAX, INT64_MIN, KSERVE_ENVELOPE_KEYS, WI
 from models.prompt_checks import prompt_error
 
 LLM, PACKAGE = "llm", "package"
-__all__ = ["Backend", "INT64_MAX", "INT64_MIN", "InputSchema", "KSERVE_ENVELOPE_KEYS", "LLM", "PACKAGE", "ModelSpec",
-           "ServedModel", "WIRE_DATATYPES", "open_model", "prompt_error", "resolve_device"]
+__all__ = ["Backend", "DEAD", "INT64_MAX", "INT64_MIN", "InputSchema", "KSERVE_ENVELOPE_KEYS", "LLM", "PACKAGE",
+           "ModelSpec", "ServedModel", "WIRE_DATATYPES", "open_model", "prompt_error", "resolve_device"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import gevent
 import gevent.monkey
 
-from models.serving import Backend, ModelSpec, ServedModel, open_model
+from models.serving import DEAD, Backend, ModelSpec, ServedModel, open_model
 from service.channel import Bridge
 from service.devices import worker_device
 from service.metrics import Metrics
@@ -118,7 +118,7 @@ def stuck_after_s(settings: Settings) -> float:
 def engine_failure(runtime: Runtime, now: float) -> str | None:
     """Why this worker must be replaced, if it must: its engine died after it was ready, or is stuck."""
     engine = runtime.engine
-    if engine.state == "dead" and engine.was_ready:
+    if engine.state == DEAD and engine.was_ready:
         return f"the engine failed: {engine.error}"
     running_s = engine.step_running_s(now)
     if running_s > stuck_after_s(runtime.settings):
