@@ -89,8 +89,9 @@ class CompiledDecode:
 
 
 # What starting a compiler and waiting for it touches, as gevent may have patched it: its versions wait
-# on the main thread's loop (child watchers exist only there), so on another thread they fail or hang.
-_PROCESS_MODULES = ("subprocess", "os", "select", "selectors", "signal")
+# on the main thread's loop (child watchers exist only there), so on another thread they fail (subprocess)
+# or hang (os.waitpid). The smallest set that compiles under gunicorn (tests/integration/test_compile.py).
+_PROCESS_MODULES = ("subprocess", "os")
 
 
 @contextlib.contextmanager
