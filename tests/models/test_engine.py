@@ -312,3 +312,38 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tin
     first_long = next(i for i, (tag, _) in enumerate(events) if tag == "long")
     short_tokens = [e.completion_tokens for tag, e in events[:first_long] if tag == "short"]
     assert short_tokens and short_tokens[-1] >= 7
+
+
+class ChunkSizes(RecordingBackend):
+    """The real backend, noting each chunk's size and the rows decoding beside it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunks: list[tuple[int, int]] = []  # (decoding rows, chunk tokens)
+
+    def _chunk_tokens(self, seq, decoding_rows):
+        tokens = super()._chunk_tokens(seq, decoding_rows)
+        self.chunks.append((decoding_rows, tokens))
+        return tokens
+
+
+def test_a_chunk_is_sized_by_the_budget_while_rows_decode_and_is_the_largest_when_none_do(tiny_checkpoint):
+    long_prompt = [1] + [(7 * i) % 390 + 5 for i in range(100)]  # 101 tokens
+    backend = ChunkSizes(tiny_checkpoint, CPU, max_batch=2, prefill_chunk_tokens=64)
+    with running_engine(backend, max_batch=2) as engine:
+        generate_req(engine, request(long_prompt, max_tokens=2, ignore_eos=True))  # nothing else running
+        assert backend.chunks == [(0, 64), (0, 37)]
+        backend.chunks.clear()
+        short = request([1, 5, 6], max_tokens=60, ignore_eos=True)
+        short_sink = RecordingSink()
+        engine.submit(short, short_sink)
+        while not backend.tokens.get(short.request_id):
+            time.sleep(0.001)
+        generate_req(engine, request(long_prompt, max_tokens=2, ignore_eos=True))
+        short_sink.wait()
+    sizes = [tokens for rows, tokens in backend.chunks]
+    assert all(rows == 1 for rows, _ in backend.chunks) and sum(sizes) == len(long_prompt)
+    # One decoding row: the first chunk is the budget's guess (3/4 of a row's worth, at least 16), not 64,
+    # and each later one at most twice the one before.
+    assert sizes[0] == 16 and len(sizes) >= 3
+    assert all(later <= 2 * earlier for earlier, later in zip(sizes, sizes[1:]))
