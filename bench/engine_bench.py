@@ -12,6 +12,11 @@ the ratio to batch 1.
 """
 from __future__ import annotations
 
+import os
+
+# As gunicorn.conf.py sets it for the server: huge pages for torch's large CPU tensors.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import random
 import threading

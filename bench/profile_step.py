@@ -11,6 +11,11 @@ machine does not distort it much.
 """
 from __future__ import annotations
 
+import os
+
+# As gunicorn.conf.py sets it for the server: huge pages for torch's large CPU tensors.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import random
 import statistics
@@ -46,6 +51,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=None, help="fixed torch threads (default: the runner's)")
     parser.add_argument("--ops", type=int, default=12, help="profiler rows to print")
+    parser.add_argument("--compile", action="store_true", help="the decode step through torch.compile (RIVULET_COMPILE)")
+    parser.add_argument("--no-packed", action="store_true",
+                        help="no prepacked weights (RIVULET_PACKED_WEIGHTS=0): models/cpu_weights.py")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -53,7 +61,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.checkpoint)
     max_seq = args.prompt_tokens + 2 * args.steps + 8
     torch.set_num_threads(max(1, usable_cpus() - 1))  # what the engine thread starts from
-    runner = LlamaRunner(model, args.batch, max_seq)
+    runner = LlamaRunner(model, args.batch, max_seq, compile_decode=args.compile, packed_weights=not args.no_packed)
     if args.threads:
         torch.set_num_threads(args.threads)
         runner.thread_policy = None  # keep it fixed
@@ -89,7 +97,9 @@ def main() -> None:
                 for result in runner.decode():
                     result.seq.append(result.token)
     ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
-    print(f"batch {args.batch}, torch threads {torch.get_num_threads()}, median of {args.steps} steps")
+    print(f"batch {args.batch}, torch threads {torch.get_num_threads()}, median of {args.steps} steps"
+          f"{', compiled' if runner.compiled is not None and runner.compiled.steps else ''}"
+          f"{'' if args.no_packed else ', packed weights'}")
     print(f"  step           {ms(total):7.2f} ms  ({args.batch / statistics.median(total):.0f} tokens/s)")
     print(f"  forward        {ms(forward):7.2f} ms")
     print(f"  sampling       {ms(sample):7.2f} ms")

@@ -25,16 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import cpu_weights
 from models.config import LlamaConfig
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that leaves its weight uninitialised: a checkpoint or ``Llama.init_weights`` fills
     it. Loading then needs neither a throw-away random init nor the meta device (whose first use
-    imports torch's decomposition tables: seconds at every start-up)."""
+    imports torch's decomposition tables: seconds at every start-up).
+
+    ``packed``: on a CPU, a copy of the weight for the rows that multiply faster through it
+    (models/cpu_weights.py); None elsewhere."""
+
+    packed: torch.Tensor | None = None
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_weights.linear(x, self.weight, self.packed)
 
 
 class Embedding(nn.Embedding):
@@ -88,16 +97,27 @@ def per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x[0, :, :rows].transpose(0, 1).unsqueeze(2)
 
 
-def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
+def fuse_weights(*linears: nn.Linear, transposed: bool = False) -> torch.Tensor:
     """The linears' weights stacked into one [sum(out), in] matrix; each linear's weight becomes a view
-    of its rows, so the memory is not doubled and the state dict still has every key."""
+    of its rows, so the memory is not doubled and the state dict still has every key. ``transposed``:
+    the matrix's memory holds its transpose (models/cpu_weights.py)."""
     fused = torch.cat([linear.weight.detach() for linear in linears])
+    if transposed:
+        fused = cpu_weights.stored_transposed(fused)
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
         linear.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
         start += rows
     return fused
+
+
+def lay_out_linear(linear: Linear, pack: bool, transposed: bool = True) -> None:
+    """``linear``'s weight stored transposed (unless ``transposed`` is False) and, with ``pack``, packed
+    (models/cpu_weights.py)."""
+    if transposed:
+        linear.weight = nn.Parameter(cpu_weights.stored_transposed(linear.weight), requires_grad=False)
+    linear.packed = cpu_weights.pack(linear.weight) if pack else None
 
 
 class KVCache(nn.Module):
@@ -159,11 +179,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.cache: KVCache | None = None
         self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        self.qkv_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
 
     @torch.no_grad()
     def fuse(self) -> None:
         if self.qkv_weight is None:
             self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+
+    @torch.no_grad()
+    def lay_out_for_cpu(self, pack: bool) -> None:
+        self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj, transposed=True)
+        self.qkv_packed = cpu_weights.pack(self.qkv_weight) if pack else None
+        lay_out_linear(self.o_proj, pack)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,7 +202,8 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # [B, KV, T, D]
             v = self.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
             return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-        qkv = F.linear(x, self.qkv_weight).view(batch, length, heads + 2 * kv_heads, head_dim)
+        qkv = cpu_weights.linear(x, self.qkv_weight, self.qkv_packed)
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
         qk = apply_rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)  # [B, H+KV, T, D]
         return qk[:, :heads], qk[:, heads:], qkv[:, :, heads + kv_heads:].transpose(1, 2)
 
@@ -245,16 +273,23 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.gate_up_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
 
     @torch.no_grad()
     def fuse(self) -> None:
         if self.gate_up_weight is None:
             self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj)
 
+    @torch.no_grad()
+    def lay_out_for_cpu(self, pack: bool) -> None:
+        self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj, transposed=True)
+        self.gate_up_packed = cpu_weights.pack(self.gate_up_weight) if pack else None
+        lay_out_linear(self.down_proj, pack)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        gate, up = cpu_weights.linear(x, self.gate_up_weight, self.gate_up_packed).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -302,6 +337,16 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    def lay_out_for_cpu(self, pack: bool) -> None:
+        """Inference on a CPU: every projection weight stored transposed, and with ``pack`` a prepacked
+        copy beside it, each serving the row counts it multiplies fastest (models/cpu_weights.py).
+        Fuses the projections first. Values, shapes and state-dict keys stay as they were."""
+        for layer in self.model.layers:
+            layer.self_attn.lay_out_for_cpu(pack)
+            layer.mlp.lay_out_for_cpu(pack)
+        # A head tied to the embeddings keeps its layout: the embedding reads rows of the same matrix.
+        lay_out_linear(self.lm_head, pack, transposed=not self.config.tie_word_embeddings)
 
     def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
         max_seq = max_seq or self.config.max_position_embeddings

@@ -11,6 +11,7 @@ import torch
 from models.checkpoint import load_config, load_meta, load_model
 from models.chunk_budget import ChunkBudget
 from models.config import LlamaConfig
+from models.cpu_weights import packing_pays, projection_bytes
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
 from models.outputs import Failed, Output, Sampled
@@ -52,7 +53,7 @@ class LlamaBackend:
 
     def __init__(self, directory: Path, device: torch.device, max_batch: int,
                  max_context: int | None = None, prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-                 compile_decode: bool = False, prefix_caching: bool = True) -> None:
+                 compile_decode: bool = False, prefix_caching: bool = True, packed_weights: bool = True) -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -67,6 +68,7 @@ class LlamaBackend:
         self.prefill_chunk_tokens = prefill_chunk_tokens or None
         self.compile_decode = compile_decode  # RIVULET_COMPILE (models/compiled_decode.py)
         self.prefix_caching = prefix_caching  # RIVULET_PREFIX_CACHING (models/prefix_cache.py)
+        self.packed_weights = packed_weights  # RIVULET_PACKED_WEIGHTS (models/cpu_weights.py)
         self.chunk_budget = ChunkBudget(self.prefill_chunk_tokens) if self.prefill_chunk_tokens else None
 
     def load(self) -> None:
@@ -77,14 +79,18 @@ class LlamaBackend:
         model = load_model(self.directory, self.device)
         dtype = model.lm_head.weight.dtype
         free = free_bytes(self.device)
+        pack = self.device.type == "cpu" and self.packed_weights and packing_pays(model, free)
+        if pack and free is not None:  # the copy is made after the cache: leave it its room
+            free -= projection_bytes(model)
         batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free)
         if batch < self.max_batch:
             log.warning("the KV cache of RIVULET_MAX_BATCH=%d sequences of %d tokens does not fit in the %.1f GiB "
                         "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",
                         self.max_batch, self.context_length, free / GiB, self.device, batch)
-        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching)
-        log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens", self.directory, self.device, dtype,
-                 kv_cache_bytes(model.config, batch, self.context_length, dtype) / GiB, batch, self.context_length)
+        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching, pack)
+        log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens%s", self.directory, self.device, dtype,
+                 kv_cache_bytes(model.config, batch, self.context_length, dtype) / GiB, batch, self.context_length,
+                 f"; packed weights {projection_bytes(model) / GiB:.2f} GiB" if pack else "")
 
     def close(self) -> None:
         self.runner = None

@@ -57,7 +57,7 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, packed_weights: bool = True) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -65,6 +65,8 @@ class LlamaRunner:
         self.max_seq = min(max_seq or model.config.max_position_embeddings, model.config.max_position_embeddings)
         model.setup_cache(max_batch, self.max_seq)
         model.fuse_projections()
+        if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py)
+            model.lay_out_for_cpu(pack=packed_weights)
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None

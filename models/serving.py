@@ -41,6 +41,7 @@ class ModelSpec:
     prefill_chunk_tokens: int = 256  # 0: every prompt in one pass
     compile_decode: bool = False  # the decode step through torch.compile
     prefix_caching: bool = True  # a prompt that begins like a running one's copies that row's prefix
+    packed_weights: bool = True  # on a CPU, a prepacked copy of the weights for batched steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,7 +60,8 @@ def open_model(spec: ModelSpec, *, backend: Backend | None = None) -> ServedMode
             backend = PackageBackend(spec.directory, device)
         else:
             backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context,
-                                   spec.prefill_chunk_tokens, spec.compile_decode, spec.prefix_caching)
+                                   spec.prefill_chunk_tokens, spec.compile_decode, spec.prefix_caching,
+                                   spec.packed_weights)
     engine = Engine(backend, max_batch=spec.max_batch, max_waiting=spec.max_waiting)
     return ServedModel(backend, engine)
 

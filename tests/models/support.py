@@ -25,6 +25,8 @@ from models.engine import Engine
 from models.llama import Llama
 from models.llm_backend import LlamaBackend
 from models.outputs import Sampled
+from models.runner import LlamaRunner
+from models.sequence import Sequence
 
 # Mixed scripts so the tokenizer has multi-byte pieces; characters outside it (most emoji, rare
 # Chinese) become byte-fallback pieces.
@@ -69,6 +71,26 @@ def random_model(config: LlamaConfig, seed: int, std: float = 0.02) -> Llama:
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
     return model.eval()
+
+
+def greedy_run_with(model: Llama, **runner_options) -> tuple[list[list[int]], LlamaRunner]:
+    """Three requests of different lengths through a ``LlamaRunner(model, max_batch=3, **runner_options)``,
+    greedy, 12 tokens each: ragged batched steps, then two leave and the last decodes alone (batch 1).
+    -> (each request's tokens, the runner)"""
+    runner = LlamaRunner(model, max_batch=3, **runner_options)
+    seqs = [Sequence(GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=99, temperature=0.0,
+                                                                       ignore_eos=True), 1e12), None, set(), 128)
+            for i, prompt in enumerate([[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 4]])]
+    with torch.inference_mode():
+        for result in runner.prefill(seqs):
+            result.seq.output_ids.append(result.token)
+        for step in range(12):
+            for result in runner.decode():
+                result.seq.output_ids.append(result.token)
+            if step == 6:
+                runner.release(seqs[0])
+                runner.release(seqs[2])
+    return [s.output_ids for s in seqs], runner
 
 
 def write_checkpoint(directory: Path, model: Llama, tokenizer: Path, *,

@@ -3,31 +3,15 @@ import pytest
 import torch
 
 from models import compiled_decode
-from models.api import GenerationRequest, SamplingParams
 from models.runner import LlamaRunner
-from models.sequence import Sequence
-from tests.models.support import random_model, tiny_config
+from tests.models.support import greedy_run_with, random_model, tiny_config
 
 # torch.compile's first import touches torch.jit, which warns of its own deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def greedy_run(model, compile_decode: bool) -> tuple[list[list[int]], LlamaRunner]:
-    """Three requests of different lengths, greedy, 12 tokens each: ragged steps, then batch 1 at the end."""
-    runner = LlamaRunner(model, max_batch=3, compile_decode=compile_decode)
-    seqs = [Sequence(GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=99, temperature=0.0,
-                                                                       ignore_eos=True), 1e12), None, set(), 128)
-            for i, prompt in enumerate([[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 4]])]
-    with torch.inference_mode():
-        for result in runner.prefill(seqs):
-            result.seq.output_ids.append(result.token)
-        for step in range(12):
-            for result in runner.decode():
-                result.seq.output_ids.append(result.token)
-            if step == 6:  # two leave: the last one decodes alone (batch 1)
-                runner.release(seqs[0])
-                runner.release(seqs[2])
-    return [s.output_ids for s in seqs], runner
+    return greedy_run_with(model, compile_decode=compile_decode)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +44,19 @@ def test_a_decode_step_that_does_not_compile_runs_eager(model, monkeypatch, capl
     assert runner.compiled.error == "RuntimeError: no C++ compiler found" and runner.compiled.steps == 0
     assert "did not compile, it runs eager" in caplog.text
     assert fallen_back == eager
+
+
+def test_the_compiled_step_reads_the_weights_of_the_moment(model):
+    """The compiled step skips guards on the model's modules: a weight replaced after compiling must still
+    be the one it multiplies by (the step would otherwise serve stale weights without a word)."""
+    compiled_model = random_model(tiny_config(max_position_embeddings=64), seed=8)
+    runner = LlamaRunner(compiled_model, max_batch=2, compile_decode=True)
+    assert runner.compiled.error is None
+    tokens, positions = torch.tensor([3]), torch.tensor([2])
+    head = compiled_model.lm_head
+    with torch.inference_mode():
+        head.weight = torch.nn.Parameter(head.weight * 2, requires_grad=False)
+        head.packed = None
+        compiled_model.model.layers[0].mlp.down_proj.weight.mul_(3)
+        torch.testing.assert_close(runner.compiled(tokens, positions, 3, False),
+                                   compiled_model.decode(tokens, positions, 3, False), rtol=1e-5, atol=1e-5)
