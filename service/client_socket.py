@@ -49,9 +49,30 @@ def client_gone() -> bool:
     return socket_closed(client_socket())
 
 
-def on_hang_up(sock: Any, callback: Callable[[], None]) -> Callable[[], None]:
+class HangUpWatch:
+    """What ``on_hang_up`` returns: call it to stop watching. ``watching`` says whether the event loop
+    still watches the socket: True until the socket first turns readable (a close, or a pipelined
+    request) or the watch stops. While it watches, a close is seen without asking the socket."""
+
+    __slots__ = ("_watcher",)
+
+    def __init__(self, watcher: Any) -> None:
+        self._watcher = watcher
+
+    @property
+    def watching(self) -> bool:
+        return self._watcher is not None and self._watcher.active
+
+    def __call__(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+
+
+def on_hang_up(sock: Any, callback: Callable[[], None]) -> HangUpWatch:
     """Call ``callback`` on the hub as soon as the client closes ``sock``, without waiting for a write.
-    -> a function that stops watching (call it when the response ends).
+    -> a ``HangUpWatch``: call it to stop watching (when the response ends).
 
     A stream still queued has nothing to write until its heartbeat (RIVULET_HEARTBEAT_S, 15 s): the event
     loop's read watcher on its socket notices the close at once, and costs nothing while the client
@@ -59,7 +80,7 @@ def on_hang_up(sock: Any, callback: Callable[[], None]) -> Callable[[], None]:
     looks once and stops (data is left for the writes to sort out, so it never spins).
     """
     if sock is None or sock.fileno() < 0:
-        return _nothing
+        return HangUpWatch(None)
     watcher = gevent.get_hub().loop.io(sock.fileno(), _READ)
     watcher.ref = False  # it must not keep an idle worker's loop alive
 
@@ -69,16 +90,7 @@ def on_hang_up(sock: Any, callback: Callable[[], None]) -> Callable[[], None]:
             callback()
 
     watcher.start(readable)
-
-    def stop() -> None:
-        watcher.stop()
-        watcher.close()
-
-    return stop
-
-
-def _nothing() -> None:
-    pass
+    return HangUpWatch(watcher)
 
 
 _READ = 1  # libev's EV_READ

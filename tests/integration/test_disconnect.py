@@ -122,3 +122,20 @@ def test_non_streaming_clients_that_hang_up_are_cancelled_too(demo_server):
     cancelled = wait_for_metric(demo_server, "rivulet_requests_cancelled_total", cancelled_before + CLIENTS)
     assert cancelled == cancelled_before + CLIENTS
     assert_cancelled_early(demo_server, ids, 499)
+
+
+def test_clients_that_pipelined_a_request_and_hang_up_are_cancelled_too(demo_server):
+    """A stream's socket is watched by the event loop, which sees a close at once; a pipelined request
+    makes it readable first, so the loop looks once and stops watching. Those streams must still be
+    cancelled at the next token, by the writes' own probe or their failure."""
+    assert wait_for_metric(demo_server, "rivulet_requests_running", 0) == 0
+    cancelled_before = metric(demo_server, "rivulet_requests_cancelled_total")
+    ids = [uuid.uuid4().hex for _ in range(CLIENTS)]
+    socks = [send_request(demo_server, "/v1/chat/completions", LONG, {"X-Request-Id": i}) for i in ids]
+    for sock in socks:
+        read_until(sock, b'"content"')  # its body is read: what follows stays in the socket
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    hang_up_beside_an_observer(demo_server, socks)
+    cancelled = wait_for_metric(demo_server, "rivulet_requests_cancelled_total", cancelled_before + CLIENTS)
+    assert cancelled == cancelled_before + CLIENTS
+    assert_cancelled_early(demo_server, ids, 200)

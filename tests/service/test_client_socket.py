@@ -71,12 +71,13 @@ def test_a_hang_up_is_seen_by_the_event_loop_without_a_write():
     with ours:
         stop = on_hang_up(ours, lambda: calls.append("gone"))
         gevent.sleep(0.01)
-        assert calls == []  # an open, quiet client
+        assert calls == [] and stop.watching  # an open, quiet client: the loop keeps watching
         theirs.close()
         for _ in range(100):
             if calls:
                 break
             gevent.sleep(0.01)
+        assert not stop.watching  # it looked once and stopped: the writes' own probe takes over
         stop()
     assert calls == ["gone"]
 
@@ -92,5 +93,20 @@ def test_a_pipelined_request_is_not_a_hang_up_and_is_looked_at_once():
         stop = on_hang_up(ours, lambda: calls.append("gone"))
         theirs.sendall(b"GET /health HTTP/1.1\r\n")
         gevent.sleep(0.05)
+        # Not a hang-up, but the loop no longer watches: a later close must be seen by the writes' probe.
+        assert not stop.watching
         stop()
         assert calls == [] and ours.recv(64) == b"GET /health HTTP/1.1\r\n"
+
+
+def test_a_stopped_watch_says_it_no_longer_watches_and_stops_twice_safely():
+    from service.client_socket import on_hang_up
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        stop = on_hang_up(ours, lambda: None)
+        assert stop.watching
+        stop()
+        stop()
+        assert not stop.watching
+    assert not on_hang_up(None, lambda: None).watching  # nothing to watch (no gunicorn socket)
