@@ -50,9 +50,9 @@ def client_gone() -> bool:
 
 
 class HangUpWatch:
-    """What ``on_hang_up`` returns: call it to stop watching. ``watching`` says whether the event loop
-    still watches the socket: True until the socket first turns readable (a close, or a pipelined
-    request) or the watch stops. While it watches, a close is seen without asking the socket."""
+    """What ``on_hang_up`` returns. ``watching``: whether the event loop still watches the socket, True
+    until the socket first turns readable (a close, or a pipelined request) or ``stop()``. While it
+    watches, a close is seen without asking the socket."""
 
     __slots__ = ("_watcher",)
 
@@ -63,7 +63,8 @@ class HangUpWatch:
     def watching(self) -> bool:
         return self._watcher is not None and self._watcher.active
 
-    def __call__(self) -> None:
+    def stop(self) -> None:
+        """Stop watching (when the response ends). Safe to call twice."""
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher.close()
@@ -72,7 +73,7 @@ class HangUpWatch:
 
 def on_hang_up(sock: Any, callback: Callable[[], None]) -> HangUpWatch:
     """Call ``callback`` on the hub as soon as the client closes ``sock``, without waiting for a write.
-    -> a ``HangUpWatch``: call it to stop watching (when the response ends).
+    -> a ``HangUpWatch``: stop it when the response ends.
 
     A stream still queued has nothing to write until its heartbeat (RIVULET_HEARTBEAT_S, 15 s): the event
     loop's read watcher on its socket notices the close at once, and costs nothing while the client

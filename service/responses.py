@@ -39,10 +39,11 @@ def note_job(record: RequestRecord, job: Job) -> None:
 def event_stream(job: Job) -> Response:
     """Send ``job`` as an event stream: ``retry:`` first, an ``id:`` on every event, ``: ping`` while quiet,
     ``[DONE]`` last. A client that hangs up is seen at once by the event loop (``on_hang_up``: the work is
-    aborted even while queued, with nothing to write), before the next write (``socket_closed``, asked
-    only once the event loop's watch is off, after a pipelined request: while the watch is on, it sees a
-    close first, and a probe per token cost a system call and 14% of the hub's time at 64 streams,
-    bench/README.md section 13), or when a write fails (gunicorn then closes this generator and
+    aborted even while queued, with nothing to write), before the next write (``socket_closed``, asked only
+    once the watch is off: after it saw a close, so nothing more is written; while it is on it sees a close
+    first, and asking before every token cost a system call and 14% of the hub's time at 64 streams,
+    bench/README.md section 13), or when a write fails (after a pipelined request, whose bytes hide a close
+    from both: gunicorn then closes this generator and
     ``GeneratorExit`` rises at its ``yield``); whichever comes first, the engine drops the work before its
     next step.
     A bug while streaming still ends the stream properly (an internal_error event, then ``[DONE]``)."""
@@ -71,7 +72,7 @@ def event_stream(job: Job) -> Response:
                     yield ids.event(stream_error_payload(RivuletError("internal server error")))
                     yield ids.event(DONE)
             finally:
-                hang_up()
+                hang_up.stop()
                 job.close()
                 note_job(record, job)
 

@@ -126,8 +126,8 @@ def test_non_streaming_clients_that_hang_up_are_cancelled_too(demo_server):
 
 def test_clients_that_pipelined_a_request_and_hang_up_are_cancelled_too(demo_server):
     """A stream's socket is watched by the event loop, which sees a close at once; a pipelined request
-    makes it readable first, so the loop looks once and stops watching. Those streams must still be
-    cancelled at the next token, by the writes' own probe or their failure."""
+    makes it readable first, so the loop looks once and stops watching, and its bytes hide the close from
+    the probe too. Those streams must still be cancelled within a few tokens, by the failing writes."""
     assert wait_for_metric(demo_server, "rivulet_requests_running", 0) == 0
     cancelled_before = metric(demo_server, "rivulet_requests_cancelled_total")
     ids = [uuid.uuid4().hex for _ in range(CLIENTS)]

@@ -69,16 +69,16 @@ def test_a_hang_up_is_seen_by_the_event_loop_without_a_write():
     ours, theirs = socket.socketpair()
     calls = []
     with ours:
-        stop = on_hang_up(ours, lambda: calls.append("gone"))
+        watch = on_hang_up(ours, lambda: calls.append("gone"))
         gevent.sleep(0.01)
-        assert calls == [] and stop.watching  # an open, quiet client: the loop keeps watching
+        assert calls == [] and watch.watching  # an open, quiet client: the loop keeps watching
         theirs.close()
         for _ in range(100):
             if calls:
                 break
             gevent.sleep(0.01)
-        assert not stop.watching  # it looked once and stopped: the writes' own probe takes over
-        stop()
+        assert not watch.watching  # it looked once and stopped: the writes' own probe takes over
+        watch.stop()
     assert calls == ["gone"]
 
 
@@ -90,12 +90,12 @@ def test_a_pipelined_request_is_not_a_hang_up_and_is_looked_at_once():
     ours, theirs = socket.socketpair()
     calls = []
     with ours, theirs:
-        stop = on_hang_up(ours, lambda: calls.append("gone"))
+        watch = on_hang_up(ours, lambda: calls.append("gone"))
         theirs.sendall(b"GET /health HTTP/1.1\r\n")
         gevent.sleep(0.05)
-        # Not a hang-up, but the loop no longer watches: a later close must be seen by the writes' probe.
-        assert not stop.watching
-        stop()
+        # Not a hang-up, but the loop no longer watches: a later close is left to the writes.
+        assert not watch.watching
+        watch.stop()
         assert calls == [] and ours.recv(64) == b"GET /health HTTP/1.1\r\n"
 
 
@@ -104,9 +104,9 @@ def test_a_stopped_watch_says_it_no_longer_watches_and_stops_twice_safely():
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        stop = on_hang_up(ours, lambda: None)
-        assert stop.watching
-        stop()
-        stop()
-        assert not stop.watching
+        watch = on_hang_up(ours, lambda: None)
+        assert watch.watching
+        watch.stop()
+        watch.stop()
+        assert not watch.watching
     assert not on_hang_up(None, lambda: None).watching  # nothing to watch (no gunicorn socket)
