@@ -85,6 +85,17 @@ def median_run(runs: list[Result]) -> Result:
     return sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2]
 
 
+
+def start_engine(engine: Engine) -> threading.Thread:
+    """Run ``engine`` on its own thread, as the server does, and wait until it is ready (exits if it fails)."""
+    thread = threading.Thread(target=engine.run, name="engine", daemon=True)
+    thread.start()
+    while engine.state == "starting":
+        time.sleep(0.05)
+    if not engine.ready:
+        raise SystemExit(f"the engine did not start: {engine.error}")
+    return thread
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an HF-layout directory (bench/make_checkpoint.py)")
@@ -96,18 +107,16 @@ def main() -> None:
                         help="torch threads on the engine thread (default: the engine's, CPUs - 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3, help="rounds over the batch sizes; the median is kept")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="decode steps eager on CUDA (RIVULET_CUDA_GRAPHS=0): models/cuda_graphs.py")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    backend = LlamaBackend(args.checkpoint, torch.device(args.device), max_batch=max(batches))
+    backend = LlamaBackend(args.checkpoint, torch.device(args.device), max_batch=max(batches),
+                           cuda_graphs=not args.no_cuda_graphs)
     args.vocab = backend.tokenizer.vocab_size
     engine = Engine(backend, max_batch=max(batches), max_waiting=max(batches), torch_threads=args.threads)
-    thread = threading.Thread(target=engine.run, name="engine", daemon=True)
-    thread.start()
-    while engine.state == "starting":
-        time.sleep(0.05)
-    if not engine.ready:
-        raise SystemExit(f"the engine did not start: {engine.error}")
+    thread = start_engine(engine)
     rng = random.Random(0)
     try:
         run_batch(engine, min(batches), argparse.Namespace(**{**vars(args), "tokens": 8}), rng)  # warm-up

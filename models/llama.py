@@ -13,6 +13,8 @@ The ways through the model:
   few much longer rows may attend on their own (``alone``, planned by models/attention_plan.py).
 - ``prefill_chunk`` / ``decode_with_chunk``: the next piece of one long prompt, alone or in the same
   pass as a decode step (one read of the weights for both).
+- ``decode_static(tokens, positions, write_positions, keys)``: ``decode`` with every shape fixed by the
+  caller and nothing read back to the host, for a step replayed from a CUDA graph (models/cuda_graphs.py).
 
 ``fuse_projections()`` (the runner calls it once at load) lays q/k/v and gate/up weights out as one
 matrix each, the separate parameters becoming views of it: one matmul where there were three (two),
@@ -90,6 +92,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over its row's keys, each key/value head serving its group of query heads, with an
+    additive ``mask``: q [B, H, 1, D], k, v [B, KV, L, D], mask [B, 1, 1, L]. -> [B, H, 1, D]
+
+    What ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` computes, without
+    depending on the kernel torch picks for it on CUDA: the flash kernel takes no mask, the memory-efficient
+    one takes no grouped heads in the torch sources read for this (later versions may), and the math kernel
+    left copies every key and value once per query head of its group (``repeat_interleave``). Here the
+    queries are grouped instead, HF's convention (key/value head j serves query heads j*G..(j+1)*G-1), so
+    the keys and values are read where they lie. Scores and softmax in fp32, as HF's eager attention."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # [B, KV, G, D]
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * head_dim ** -0.5  # [B, KV, G, L]
+    weights = torch.softmax(scores + mask, dim=-1).to(v.dtype)  # the mask broadcasts over heads
+    return torch.matmul(weights, v).reshape(batch, heads, 1, head_dim)
 
 
 def per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -216,6 +236,10 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if mode == "decode":
             out = self._decode_attention(q, k, v, slots, mask, keys, alone)
+        elif mode == "static":
+            assert self.cache is not None and slots is not None and mask is not None and keys is not None
+            self.cache.write_step(slots, k, v)
+            out = grouped_attention(q, *self.cache.view(batch, keys), mask)
         elif mode == "chunk":
             out = self._chunk_attention(q, k, v, row, start, mask)
         elif mode == "mixed":
@@ -416,6 +440,21 @@ class Llama(nn.Module):
         slots = self.model.layers[0].self_attn.cache.slots(positions)  # the same in every layer
         hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask,
                            keys=length, alone=alone)
+        return self.lm_head(hidden[:, 0])
+
+    def decode_static(self, tokens: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
+                      keys: int) -> torch.Tensor:
+        """One step for cache rows 0..N-1 whose shapes depend on N and ``keys`` only, and which reads nothing
+        back to the host: what a CUDA graph can capture (models/cuda_graphs.py). -> logits [N, V]
+
+        ``tokens`` [N] at ``positions`` [N]; row b's new key and value go to position ``write_positions[b]``
+        of its cache row (a padding row's go to a spare position no row ever reads). Every row attends over
+        ``keys`` keys with a mask, grouped (``grouped_attention``): exact for every row, so no row needs
+        to attend alone, and no key or value is copied."""
+        mask = self._decode_mask(positions, keys)
+        slots = self.model.layers[0].self_attn.cache.slots(write_positions)  # the same in every layer
+        hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="static", slots=slots, mask=mask,
+                           keys=keys)
         return self.lm_head(hidden[:, 0])
 
     def decode_with_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, length: int, ragged: bool,

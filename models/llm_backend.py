@@ -12,6 +12,7 @@ from models.checkpoint import load_config, load_meta, load_model
 from models.chunk_budget import ChunkBudget
 from models.config import LlamaConfig
 from models.cpu_weights import packing_pays, projection_bytes
+from models.cuda_graphs import SPARE_POSITIONS, graphs_apply
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
 from models.outputs import Failed, Output, Sampled
@@ -53,7 +54,8 @@ class LlamaBackend:
 
     def __init__(self, directory: Path, device: torch.device, max_batch: int,
                  max_context: int | None = None, prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-                 compile_decode: bool = False, prefix_caching: bool = True, packed_weights: bool = True) -> None:
+                 compile_decode: bool = False, prefix_caching: bool = True, packed_weights: bool = True,
+                 cuda_graphs: bool = True) -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -69,6 +71,7 @@ class LlamaBackend:
         self.compile_decode = compile_decode  # RIVULET_COMPILE (models/compiled_decode.py)
         self.prefix_caching = prefix_caching  # RIVULET_PREFIX_CACHING (models/prefix_cache.py)
         self.packed_weights = packed_weights  # RIVULET_PACKED_WEIGHTS (models/cpu_weights.py)
+        self.cuda_graphs = cuda_graphs  # RIVULET_CUDA_GRAPHS (models/cuda_graphs.py)
         self.chunk_budget = ChunkBudget(self.prefill_chunk_tokens) if self.prefill_chunk_tokens else None
 
     def load(self) -> None:
@@ -82,14 +85,18 @@ class LlamaBackend:
         pack = self.device.type == "cpu" and self.packed_weights and packing_pays(model, free)
         if pack and free is not None:  # the copy is made after the cache: leave it its room
             free -= projection_bytes(model)
-        batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free)
+        # With CUDA graphs every cache row holds a spare position, where the graphs' padding rows write.
+        spare = SPARE_POSITIONS if graphs_apply(self.device, self.cuda_graphs) else 0
+        batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free, spare)
         if batch < self.max_batch:
             log.warning("the KV cache of RIVULET_MAX_BATCH=%d sequences of %d tokens does not fit in the %.1f GiB "
                         "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",
                         self.max_batch, self.context_length, free / GiB, self.device, batch)
-        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching, pack)
+        self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching, pack,
+                                  cuda_graphs=self.cuda_graphs)
         log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens%s", self.directory, self.device, dtype,
-                 kv_cache_bytes(model.config, batch, self.context_length, dtype) / GiB, batch, self.context_length,
+                 kv_cache_bytes(model.config, batch, self.context_length + spare, dtype) / GiB, batch,
+                 self.context_length,
                  f"; packed weights {projection_bytes(model) / GiB:.2f} GiB" if pack else "")
 
     def close(self) -> None:

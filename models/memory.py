@@ -44,18 +44,21 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def fitting_batch(config: LlamaConfig, max_batch: int, max_seq: int, dtype: torch.dtype,
-                  device: torch.device, free: int | None) -> int:
+                  device: torch.device, free: int | None, spare_positions: int = 0) -> int:
     """How many sequences of ``max_seq`` tokens the cache can hold in CACHE_SHARE of ``free`` bytes:
     ``max_batch`` when all fit (or the free memory is unknown), fewer when not, as vLLM serves fewer
-    sequences at once when its cache is short. Raises CapacityError when not even one fits."""
+    sequences at once when its cache is short. Raises CapacityError when not even one fits.
+
+    ``spare_positions``: positions each row holds past ``max_seq``, which no sequence uses (the CUDA
+    graphs' padding rows write there: models/cuda_graphs.py)."""
     if free is None:
         return max_batch
     budget = int(free * CACHE_SHARE)
-    per_row = kv_cache_bytes(config, 1, max_seq, dtype)
+    per_row = kv_cache_bytes(config, 1, max_seq + spare_positions, dtype)
     fitting = min(max_batch, budget // per_row)
     if fitting >= 1:
         return fitting
-    fitting_context = budget // kv_cache_bytes(config, 1, 1, dtype)
+    fitting_context = budget // kv_cache_bytes(config, 1, 1, dtype) - spare_positions
     advice = (f"set RIVULET_MAX_CONTEXT={fitting_context} or less" if fitting_context >= 2
               else "the weights leave no room: use a larger device or a smaller model")
     raise CapacityError(

@@ -18,6 +18,7 @@ import torch
 from models.api import TokenLogprob
 from models.attention_plan import plan_decode_attention
 from models.compiled_decode import CompiledDecode
+from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
 from models.prefix_cache import best_source
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
@@ -57,13 +58,18 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
-                 prefix_caching: bool = True, packed_weights: bool = True) -> None:
+                 prefix_caching: bool = True, packed_weights: bool = True, cuda_graphs: bool = True,
+                 uncaptured_graphs: bool = False) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
         # Positions per row: the model's context, or less (RIVULET_MAX_CONTEXT) to keep the cache small.
         self.max_seq = min(max_seq or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        model.setup_cache(max_batch, self.max_seq)
+        # RIVULET_CUDA_GRAPHS: on CUDA, plain decode steps replayed from graphs (models/cuda_graphs.py), whose
+        # padding rows write to a spare position past each cache row's last. ``uncaptured_graphs`` (tests): the
+        # same static-shape step run eagerly, on any device.
+        graphed = uncaptured_graphs or graphs_apply(self.device, cuda_graphs)
+        model.setup_cache(max_batch, self.max_seq + (SPARE_POSITIONS if graphed else 0))
         model.fuse_projections()
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py)
             model.lay_out_for_cpu(pack=packed_weights)
@@ -79,6 +85,11 @@ class LlamaRunner:
         if compile_decode:
             self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
             self.compiled.warm_up(max_batch)
+        # Captured here, on the engine thread, with the cache and weights in place (they must stay there).
+        self.graphed: GraphedDecode | None = None
+        if graphed:
+            self.graphed = GraphedDecode(model, max_batch, self.max_seq, capture=not uncaptured_graphs)
+            self.graphed.warm_up()
         # A prompt that begins like a running row's starts from a copy of its cached prefix
         # (models/prefix_cache.py). Counted for the log and the tests: prompt tokens not computed.
         self.prefix_caching = prefix_caching
@@ -260,6 +271,11 @@ class LlamaRunner:
     def _forward(self, positions_list: list[int], chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode pass for every row at ``positions_list``, with ``chunk`` (tokens of the long prompt
         being prefilled, or none) in the same pass. -> (logits [B, V], the chunk's last logits [V] or None)"""
+        if not chunk and self.graphed is not None:
+            # Every row masked over a key bucket: the graphs plan no lone rows (models/cuda_graphs.py).
+            logits = self.graphed.step([s.last_token for s in self.rows], positions_list)
+            if logits is not None:  # None: the graphs failed once (logged), this step and later ones run eager
+                return logits, None
         tokens = self._ids([s.last_token for s in self.rows])
         positions = self._ids(positions_list)
         plan = plan_decode_attention([n + 1 for n in positions_list])

@@ -54,6 +54,11 @@ class Settings(BaseModel):
     # steps multiply 1.2-1.5x faster (models/cpu_weights.py). It costs the weights' memory once more, so it
     # is skipped when they take more than a quarter of the free memory; off here saves that memory always.
     packed_weights: bool = True
+    # On CUDA, replay each plain decode step from a CUDA graph (models/cuda_graphs.py): one launch a step
+    # instead of one per kernel, of which a small model's eager step has hundreds. One graph per batch-size
+    # bucket is captured at start-up, longer key counts on first use; each KV-cache row holds one spare
+    # position for the padding. Anything that fails to capture is logged and runs eager. No effect on a CPU.
+    cuda_graphs: bool = True
 
     # --- who may call, and how much ---
     # Accepted tokens (X-Auth-Token: T or Authorization: Bearer T). Empty = no authentication.

@@ -110,3 +110,23 @@ def test_prefix_bench_measures_both_ways(tmp_path, capsys):
     # The second running stream and the new request copied the 100-token system prompt; without, nothing.
     assert rows["prefix caching"][1] == "200" and rows["no prefix caching"][1] == "0"
     assert lines[-1].startswith("time to first token without / with prefix caching: ") and lines[-1].endswith("x")
+
+
+def test_decode_step_bench_prints_both_modes_and_the_floor(tmp_path, capsys):
+    """bench/gpu.sh's batch-1 comparison, run on a CPU (where both runs are eager): each mode's step, their
+    ratio and the floor add up as printed."""
+    from bench import decode_step
+
+    write_random_checkpoint("tiny-gqa", tmp_path / "ckpt")
+    decode_step.main([str(tmp_path / "ckpt"), "--device", "cpu", "--tokens", "6", "--bandwidth", "1e11"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "do not apply on this device" in lines[1]
+    rows = [line.split() for line in lines if line.split()[:1] in (["eager"], ["graphs"]) and len(line.split()) == 3]
+    steps = {row[0]: float(row[1]) for row in rows}
+    assert set(steps) == {"eager", "graphs"} and all(ms > 0 for ms in steps.values())
+    ratio = next(line for line in lines if line.startswith("graphs vs eager: "))
+    assert float(ratio.split()[3].removesuffix("x")) == pytest.approx(steps["eager"] / steps["graphs"], rel=0.02)
+    floor = next(line for line in lines if line.startswith("floor: "))
+    floor_ms = float(floor.split(" = ")[1].split()[0])
+    graphed_ratio = float(floor.split("graphed step ")[1].split("x")[0])
+    assert floor_ms > 0 and graphed_ratio == pytest.approx(steps["graphs"] / floor_ms, rel=0.02)

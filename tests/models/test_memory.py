@@ -52,6 +52,14 @@ def test_not_even_one_sequence_names_the_context_that_would_fit():
         fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=1024)
 
 
+def test_the_spare_positions_of_cuda_graphs_are_counted():
+    # 18 rows of 4,096 positions fill 90% of 40 GiB exactly: with a spare position each, 17 fit.
+    assert fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=40 * GiB) == 18
+    assert fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=40 * GiB, spare_positions=1) == 17
+    with pytest.raises(CapacityError, match="RIVULET_MAX_CONTEXT=1842 or less"):  # 1,843 positions, one spare
+        fitting_batch(LLAMA2_7B, 32, 4096, torch.bfloat16, CPU, free=GiB, spare_positions=1)
+
+
 def test_the_cpu_reports_its_free_memory():
     free = memory.free_bytes(CPU)
     assert free is None or free > 0

@@ -72,3 +72,11 @@ def test_authentication_settings_keep_their_names():
     assert (defaults.access_keys, defaults.app_keys, defaults.app_codes) == (None, None, ())
     assert defaults.signature_max_skew_s == 900
     assert Settings.from_env({"RIVULET_APP_CODES": "c"}).auth_enabled
+
+
+def test_cuda_graphs_are_on_unless_turned_off():
+    assert Settings.from_env({}).cuda_graphs is True
+    assert Settings.from_env({"RIVULET_CUDA_GRAPHS": "0"}).cuda_graphs is False
+    assert Settings.from_env({"RIVULET_CUDA_GRAPHS": "false"}).cuda_graphs is False
+    with pytest.raises(SettingsError, match="RIVULET_CUDA_GRAPHS"):
+        Settings.from_env({"RIVULET_CUDA_GRAPHS": "sometimes"})
