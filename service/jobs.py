@@ -44,6 +44,7 @@ from models.serving import PACKAGE
 from service.channel import Channel
 from service.errors import cancelled_payload, stream_error_payload
 from service.lifecycle import Runtime
+from service.metrics import observe_many
 from service.openai_stream import CHAT, COMPLETION, ResponseShape
 from service.request_log import new_request_id
 from service.requests import AUTO, build_request
@@ -58,6 +59,9 @@ class _Heartbeat:
 
 
 HEARTBEAT = _Heartbeat()
+# A stream's per-token metrics (tokens generated, inter-token gaps) are written this often, and when it
+# ends: writing them at every token was a fifth of the hub's work per token (service/metrics.py).
+METRICS_FLUSH_S = 0.5
 # How long past its deadline a request may run before the job ends it without waiting for the engine
 # (the engine checks deadlines between steps; one long step or a stuck package must not hold a stream).
 SAFETY_MARGIN_S = 2.0
@@ -103,6 +107,8 @@ class Job:
         self.finish_reason: str | None = None
         self._counted_tokens = 0
         self._last_text_at: float | None = None
+        self._gaps: list[float] = []  # inter-token gaps not yet written to the histogram
+        self._metrics_written_at = started
 
     @property
     def ticket(self) -> Ticket | None:
@@ -131,6 +137,7 @@ class Job:
     def close(self) -> None:
         """The reader is done: if the stream did not finish, the client left, so the work is cancelled."""
         self.abort(CANCELLED)
+        self._write_token_metrics()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -197,20 +204,26 @@ class Job:
         else:
             new_tokens = event.completion_tokens - self.completion_tokens
             if self._last_text_at is not None and new_tokens > 0:
-                self._metrics.inter_token_latency.observe((now - self._last_text_at) / new_tokens)
+                self._gaps.append((now - self._last_text_at) / new_tokens)
             self._last_text_at = now
             self.completion_tokens = event.completion_tokens
-        self._count_tokens()
+        if now - self._metrics_written_at >= METRICS_FLUSH_S:
+            self._write_token_metrics(now)
 
     def _note_finished(self, event: Finished) -> Finished:
         self.finished = True
         self.finish_reason = event.reason
         self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
         self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
-        self._count_tokens()
+        self._write_token_metrics()
         return event
 
-    def _count_tokens(self) -> None:
+    def _write_token_metrics(self, now: float | None = None) -> None:
+        """Write the tokens and gaps counted since the last time (at most METRICS_FLUSH_S ago)."""
+        self._metrics_written_at = time.monotonic() if now is None else now
+        if self._gaps:
+            observe_many(self._metrics.inter_token_latency, self._gaps)
+            self._gaps = []
         if self.completion_tokens > self._counted_tokens:
             self._metrics.generated_tokens.inc(self.completion_tokens - self._counted_tokens)
             self._counted_tokens = self.completion_tokens

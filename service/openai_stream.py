@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.api import TokenLogprob
+from service.sse import EncodedJSON, encode_json
 
 CHAT, COMPLETION = "chat", "completion"
+# Stands for the text while a text chunk's template is made: private-use characters, in no model's name.
+_TEXT_MARK = "\ue000rivulet-text\ue000"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -36,6 +39,8 @@ class ResponseShape:
     created: int = field(default_factory=lambda: int(time.time()))
     _role_sent: bool = field(default=False, init=False, repr=False)  # the first delta carries the role
     _text_offset: int = field(default=0, init=False, repr=False)  # completions' logprobs.text_offset
+    # A text chunk's encoding before and after its text (text_chunk's common case), made on first use.
+    _template: tuple[str, str] | None = field(default=None, init=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -102,7 +107,17 @@ class ResponseShape:
                 "text_offset": offsets}
 
     def text_chunk(self, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
-        return self._chunk(self._choice(text, None, logprobs))
+        carries_role = self.kind == CHAT and not self._role_sent
+        chunk = self._chunk(self._choice(text, None, logprobs))
+        if logprobs or carries_role:
+            return chunk
+        # Every other text chunk of the stream is the same object but for its text: encode that alone.
+        if self._template is None:
+            marked = encode_json(self._chunk(self._choice(_TEXT_MARK, None)))
+            before, after = marked.split(encode_json(_TEXT_MARK))
+            self._template = before, after
+        before, after = self._template
+        return EncodedJSON(chunk, before + encode_json(text) + after)
 
     def final_chunk(self, finish_reason: str) -> dict[str, Any]:
         """The chunk that carries the finish reason (its delta is empty unless nothing came before)."""

@@ -3,6 +3,7 @@ speed itself is bench/'s business, but every row must have completed its request
 ratio must be what the printed speeds say."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from bench import engine_bench, peer_bench
 from bench.make_checkpoint import write_random_checkpoint
 from models.checkpoint import load_model
-from tests.live_server import live_server
+from tests.live_server import ROOT, live_server
 
 
 def table_rows(out: str, first_header: str) -> list[list[str]]:
@@ -130,3 +131,11 @@ def test_decode_step_bench_prints_both_modes_and_the_floor(tmp_path, capsys):
     floor_ms = float(floor.split(" = ")[1].split()[0])
     graphed_ratio = float(floor.split("graphed step ")[1].split("x")[0])
     assert floor_ms > 0 and graphed_ratio == pytest.approx(steps["graphs"] / floor_ms, rel=0.02)
+
+
+def test_hub_bench_streams_every_token_and_prints_the_cpu_per_token():
+    # Its own process: it puts prometheus_client in multiprocess mode, which is decided once, at import.
+    done = subprocess.run([sys.executable, "-m", "bench.hub_bench", "--streams", "3", "--tokens", "20", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # a lost token would hang it
+    assert done.returncode == 0, done.stderr
+    assert "3 streams x 20 tokens: hub CPU" in done.stdout

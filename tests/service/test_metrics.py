@@ -92,3 +92,48 @@ def test_a_named_directory_is_emptied_of_the_last_runs_values(tmp_path):
     assert path == named and not created
     assert not list(named.glob("*.db")) and (named / "README").exists()
     assert metrics_dir.prepare({metrics_dir.MULTIPROC_DIR_ENV: str(tmp_path / "new")})[0].is_dir()
+
+
+GAPS = [0.0, 0.0009, 0.001, 0.0011, 0.004, 0.04, 0.04, 1.28, 5.0, 0.3]
+
+# A worker that observes GAPS in the inter-token histogram, one at a time or in one batch, then scrapes.
+OBSERVER = """
+import sys
+from service.metrics import Metrics, observe_many
+from tests.service.test_metrics import GAPS
+m = Metrics(running=lambda: 0, waiting=lambda: 0)
+if sys.argv[1] == "batched":
+    observe_many(m.inter_token_latency, GAPS)
+else:
+    for gap in GAPS:
+        m.inter_token_latency.observe(gap)
+print(m.render()[0].decode())
+"""
+
+
+def histogram_samples(exposition: str) -> dict[tuple[str, str], float]:
+    return {(s.name, s.labels.get("le", "")): s.value for family in text_string_to_metric_families(exposition)
+            for s in family.samples if s.name.startswith("rivulet_inter_token_latency_seconds")}
+
+
+def observed(how: str, directory: Path | None) -> dict[tuple[str, str], float]:
+    env = {k: v for k, v in os.environ.items() if k != metrics_dir.MULTIPROC_DIR_ENV}
+    if directory is not None:
+        env[metrics_dir.MULTIPROC_DIR_ENV] = str(directory)
+    done = subprocess.run([sys.executable, "-c", OBSERVER, how], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return histogram_samples(done.stdout)
+
+
+def test_observing_a_batch_writes_what_observing_each_value_does(tmp_path):
+    """Streams write their inter-token gaps in batches (service/jobs.py): the histogram must come out the
+    same, bucket by bucket, in one process and in gunicorn's multiprocess mode."""
+    for directory in (None, tmp_path / "one", tmp_path / "batched"):
+        if directory is not None:
+            directory.mkdir()
+    single = observed("one", None), observed("batched", None)
+    multi = observed("one", tmp_path / "one"), observed("batched", tmp_path / "batched")
+    for one_by_one, batched in (single, multi):
+        assert one_by_one[("rivulet_inter_token_latency_seconds_count", "")] == len(GAPS)
+        assert one_by_one[("rivulet_inter_token_latency_seconds_bucket", "0.001")] == 3  # bounds are inclusive
+        assert batched == one_by_one

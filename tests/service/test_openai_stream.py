@@ -1,8 +1,13 @@
 """OpenAI response objects with logprobs: chat's content list and completions' parallel lists."""
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from models.api import TokenLogprob
 from service.openai_stream import CHAT, COMPLETION, ResponseShape
+from service.sse import encode_json
 
 TOKEN_BYTES = {7: b" Hi", 8: b"\xe5", 9: b"!"}.__getitem__
 ENTRIES = (TokenLogprob(7, -0.5, ((7, -0.5), (9, -1.5))), TokenLogprob(8, -0.25, ((8, -0.25),)))
@@ -57,3 +62,18 @@ def test_completion_text_offsets_count_the_characters_the_client_received():
     whole = ResponseShape(COMPLETION, "r", "m", token_bytes=token_bytes).whole(
         " A日B!", "length", 1, 6, tuple(TokenLogprob(t, -1.0, ()) for t in range(1, 7)))
     assert whole["choices"][0]["logprobs"]["text_offset"] == [0, 2, 2, 2, 3, 4]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("kind", [CHAT, COMPLETION])
+def test_text_chunks_made_from_a_template_encode_as_their_fields_say(kind, include_usage):
+    """After the first, a stream's text chunks are encoded from a template, only their text encoded anew:
+    the bytes must be those of the object itself, whatever the text or the model's name hold."""
+    shape = ResponseShape(kind, "r-1", 'a "model" \u00e9\u2028', include_usage=include_usage)
+    for text in ["Hi", " there", "", ' "quoted"\n', "\u65e5\u672c\u2028\x85", "\\", "\ue000rivulet-text\ue000"]:
+        chunk = shape.text_chunk(text)
+        assert encode_json(chunk) == encode_json(dict(chunk))  # dict(): encoded field by field
+        assert json.loads(encode_json(chunk)) == chunk
+        assert (chunk["choices"][0]["delta"]["content"] if kind == CHAT else chunk["choices"][0]["text"]) == text
+    first_of_another = ResponseShape(kind, "r-2", "m").text_chunk("Hi")
+    assert ("role" in first_of_another["choices"][0]["delta"]) if kind == CHAT else "text" in first_of_another["choices"][0]

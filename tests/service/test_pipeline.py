@@ -180,6 +180,31 @@ def test_a_client_that_hangs_up_is_cancelled(demo, caplog):
     assert line["finish_reason"] == "cancelled" and line["status"] == 200 and line["completion_tokens"] < 400
 
 
+def test_token_metrics_are_written_while_a_stream_runs_and_complete_when_it_ends(demo, monkeypatch):
+    """A stream writes its tokens and inter-token gaps every METRICS_FLUSH_S (not per token), and all of
+    them by its end: after the stream the counter holds every token, the histogram every gap."""
+    runtime = demo.extensions["rivulet"]
+    monkeypatch.setattr("service.jobs.METRICS_FLUSH_S", 0.0)  # every token: visible while running
+    job = start_job(runtime, "completion", {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+                                            "temperature": 0, "stream": True})
+    stream = iter(job)
+    for _ in range(4):
+        next(stream)
+    assert sample(runtime, "rivulet_generated_tokens_total") >= 4
+    job.abort()
+    rest = [p for p in stream if p is not HEARTBEAT]
+    assert rest[-1] == DONE and sample(runtime, "rivulet_generated_tokens_total") == job.completion_tokens
+
+    monkeypatch.setattr("service.jobs.METRICS_FLUSH_S", 3600.0)  # never while running: only at the end
+    before = sample(runtime, "rivulet_generated_tokens_total")
+    gaps_before = sample(runtime, "rivulet_inter_token_latency_seconds_count")
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "temperature": 0, "stream": True}
+    job = start_job(runtime, "completion", body)
+    texts = [p for p in job if isinstance(p, dict) and p["choices"] and p["choices"][0]["finish_reason"] is None]
+    assert sample(runtime, "rivulet_generated_tokens_total") - before == 12
+    assert sample(runtime, "rivulet_inter_token_latency_seconds_count") - gaps_before == len(texts) - 1
+
+
 def test_abort_from_another_greenlet_ends_the_stream_with_cancelled(demo):
     runtime = demo.extensions["rivulet"]
     job = start_job(runtime, "chat", {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True})
