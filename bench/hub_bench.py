@@ -8,9 +8,9 @@ streams them: bridge, channel, the request's job (metrics, OpenAI chunk), SSE fr
 the hub spends per token is taken from the cores the model steps on (two on a small CPU machine), and at
 thousands of tokens a second (a GPU) the hub is what caps a worker. This measures that path alone, with
 no model and no sockets: an OS thread stands in for the engine and posts one text event to each of
-``--streams`` channels a step, as a batched step does, then waits until every stream has encoded its
-event; each stream is a greenlet reading a real ``Job`` (completion chunks) and framing its payloads with
-``service.sse``. Prometheus runs in multiprocess mode (its values in files), as under gunicorn.
+``--streams`` channels a step, as a batched step does (``--behind N``: N events, as for a stream that has
+fallen behind), then waits until every stream has written them; each stream is a greenlet reading a real
+``Job`` (completion chunks) into writes as a served stream does (``service.responses.stream_writes``). Prometheus runs in multiprocess mode (its values in files), as under gunicorn.
 
 It prints the hub thread's CPU time per token (``time.thread_time``), the median of ``--rounds`` rounds
 after one warm-up round. What the sockets, WSGI and gunicorn add on top is in bench/README.md section 13
@@ -33,9 +33,10 @@ import gevent  # noqa: E402  (prometheus_client reads the variable above when it
 from models.api import Finished, TextDelta  # noqa: E402
 from service import sse  # noqa: E402
 from service.channel import Bridge  # noqa: E402
-from service.jobs import HEARTBEAT, Job  # noqa: E402
+from service.jobs import Job  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
 from service.openai_stream import COMPLETION, ResponseShape  # noqa: E402
+from service.responses import stream_writes  # noqa: E402
 
 
 def stand_in_runtime(bridge: Bridge) -> SimpleNamespace:
@@ -45,7 +46,7 @@ def stand_in_runtime(bridge: Bridge) -> SimpleNamespace:
                            settings=SimpleNamespace(heartbeat_s=15.0), bridge=bridge)
 
 
-def one_round(runtime: SimpleNamespace, streams: int, tokens: int) -> float:
+def one_round(runtime: SimpleNamespace, streams: int, tokens: int, behind: int = 1) -> float:
     """-> the hub's CPU seconds per token of one round"""
     consumed = [0]
     jobs = []
@@ -58,18 +59,16 @@ def one_round(runtime: SimpleNamespace, streams: int, tokens: int) -> float:
         jobs.append(job)
 
     def read(job: Job) -> None:
-        ids = sse.EventIds()
-        for payload in job:
-            if payload is not HEARTBEAT:
-                ids.event(payload)
-                consumed[0] += 1
+        for write in stream_writes(job, sse.EventIds(), lambda: False):
+            consumed[0] += write.count(b"\n\n")  # events in this write (a ": ping" has no blank line)
         job.close()
 
     def engine() -> None:
-        for step in range(tokens):
-            target = consumed[0] + streams
+        for step in range(0, tokens, behind):
+            target = consumed[0] + streams * behind
             for job in jobs:
-                job._channel.put(TextDelta(" word", step + 1))
+                for token in range(step, step + behind):
+                    job._channel.put(TextDelta(" word", token + 1))
             while consumed[0] < target:  # the next step starts once this one's tokens are out
                 time.sleep(0.0002)
         for job in jobs:
@@ -90,14 +89,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=100, help="tokens per stream")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--behind", type=int, default=1,
+                        help="events each stream gets per step: more than 1 is a stream fallen behind the engine")
     args = parser.parse_args(argv)
+    if args.tokens % args.behind:
+        parser.error("--tokens must be a multiple of --behind")
     bridge = Bridge()
     runtime = stand_in_runtime(bridge)
-    one_round(runtime, args.streams, min(args.tokens, 10))  # warm-up: imports, first allocations
-    rounds = [one_round(runtime, args.streams, args.tokens) for _ in range(args.rounds)]
+    one_round(runtime, args.streams, args.behind * 5, args.behind)  # warm-up: imports, first allocations
+    rounds = [one_round(runtime, args.streams, args.tokens, args.behind) for _ in range(args.rounds)]
     bridge.close()
-    print(f"{args.streams} streams x {args.tokens} tokens: hub CPU {statistics.median(rounds) * 1e6:.1f} us "
-          f"per token (median of {args.rounds} rounds: {', '.join(f'{r * 1e6:.1f}' for r in rounds)})")
+    print(f"{args.streams} streams x {args.tokens} tokens, {args.behind} a step: hub CPU "
+          f"{statistics.median(rounds) * 1e6:.1f} us per token (median of {args.rounds} rounds: "
+          f"{', '.join(f'{r * 1e6:.1f}' for r in rounds)})")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class Channel:
         """The ``Sink`` side: called from the engine thread."""
         self._bridge.post(self, event)
 
+    def waiting(self) -> int:
+        """Events delivered to this channel and not yet read (the reader fell behind the engine)."""
+        return self._queue.qsize()
+
     def get(self, timeout: float) -> Event | None:
         """The next event, or None after ``timeout`` seconds. Never blocks without a bound."""
         try:

@@ -141,6 +141,10 @@ class Job:
 
     # --- reading ----------------------------------------------------------------------------
 
+    def has_waiting_events(self) -> bool:
+        """Whether the engine's next event is already here: reading the next payload will not wait."""
+        return self._channel is not None and self._channel.waiting() > 0
+
     def __iter__(self) -> Iterator[Payload]:
         if self._iterated:
             raise RuntimeError("a Job's stream can be read only once")

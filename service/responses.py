@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Response, jsonify
 
@@ -17,6 +17,8 @@ from service.jobs import DONE, HEARTBEAT, Job
 from service.request_log import RequestRecord, current_record
 
 log = logging.getLogger("rivulet.service")
+# At most this many events go out in one write when a stream has fallen behind (a few kB of SSE).
+MAX_EVENTS_PER_WRITE = 64
 
 
 def whole_answer(job: Job) -> Response:
@@ -34,6 +36,31 @@ def note_job(record: RequestRecord, job: Job) -> None:
     record.completion_tokens = job.completion_tokens
     record.time_to_first_token_s = job.time_to_first_token_s
     record.finish_reason = job.finish_reason or (CANCELLED if not job.finished else None)
+
+
+def stream_writes(job: Job, ids: sse.EventIds, hung_up: Callable[[], bool]) -> Iterator[bytes]:
+    """``job``'s payloads as SSE bytes, one item per write: ``: ping`` for a heartbeat, then events up to
+    ``[DONE]``. Before each write ``hung_up()`` is asked; True ends it (nothing more is written).
+
+    Events already waiting when one is written (the stream fell behind the engine: a slow client, a busy
+    hub) join that write, up to MAX_EVENTS_PER_WRITE: one send and one trip through the WSGI server for
+    all of them, so the hub's work per token falls as its load rises (bench/README.md section 13)."""
+    payloads = iter(job)
+    for payload in payloads:
+        if hung_up():
+            return
+        if payload is HEARTBEAT:
+            yield sse.comment("ping")
+            continue
+        write = ids.event(payload)
+        joined = 1
+        while payload != DONE and joined < MAX_EVENTS_PER_WRITE and job.has_waiting_events():
+            payload = next(payloads)  # an engine event already here: no wait, never a heartbeat
+            write += ids.event(payload)
+            joined += 1
+        yield write
+        if payload == DONE:
+            return
 
 
 def event_stream(job: Job) -> Response:
@@ -58,15 +85,8 @@ def event_stream(job: Job) -> Response:
             try:
                 yield sse.retry()
                 try:
-                    for payload in job:
-                        if not hang_up.watching and socket_closed(sock):
-                            return  # the client hung up: finally cancels the work before the next step
-                        if payload is HEARTBEAT:
-                            yield sse.comment("ping")
-                        else:
-                            yield ids.event(payload)
-                            if payload == DONE:
-                                return
+                    # A hang-up stops it: finally then cancels the work before the engine's next step.
+                    yield from stream_writes(job, ids, lambda: not hang_up.watching and socket_closed(sock))
                 except Exception:  # not GeneratorExit: a gone client is not an error
                     log.exception("stream %s failed", job.request_id)
                     yield ids.event(stream_error_payload(RivuletError("internal server error")))
