@@ -13,7 +13,8 @@ fallen behind), then waits until every stream has written them; each stream is a
 ``Job`` (completion chunks) into writes as a served stream does (``service.responses.stream_writes``). Prometheus runs in multiprocess mode (its values in files), as under gunicorn.
 
 It prints the hub thread's CPU time per token (``time.thread_time``), the median of ``--rounds`` rounds
-after one warm-up round. What the sockets, WSGI and gunicorn add on top is in bench/README.md section 13
+after a warm-up, for each ``--behind`` (by default 1 and 4 events a stream a step, the rounds alternating)
+and each one's ratio to the first: what joining the writes of a stream that fell behind saves. What the sockets, WSGI and gunicorn add on top is in bench/README.md section 13
 (measured per worker thread from /proc around a real server's run).
 """
 from __future__ import annotations
@@ -89,20 +90,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=100, help="tokens per stream")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--behind", type=int, default=1,
-                        help="events each stream gets per step: more than 1 is a stream fallen behind the engine")
+    parser.add_argument("--behind", default="1,4",
+                        help="events each stream gets per step, one or more (compared with the first, the rounds "
+                             "alternating): more than 1 is a stream fallen behind the engine, its events joined")
     args = parser.parse_args(argv)
-    if args.tokens % args.behind:
-        parser.error("--tokens must be a multiple of --behind")
+    behinds = [int(b) for b in args.behind.split(",")]
+    if any(args.tokens % b for b in behinds):
+        parser.error("--tokens must be a multiple of every --behind")
     bridge = Bridge()
     runtime = stand_in_runtime(bridge)
-    one_round(runtime, args.streams, args.behind * 5, args.behind)  # warm-up: imports, first allocations
-    rounds = [one_round(runtime, args.streams, args.tokens, args.behind) for _ in range(args.rounds)]
+    for behind in behinds:  # warm-up: imports, first allocations
+        one_round(runtime, args.streams, behind * 5, behind)
+    rounds: dict[int, list[float]] = {b: [] for b in behinds}
+    for _ in range(args.rounds):
+        for behind in behinds:
+            rounds[behind].append(one_round(runtime, args.streams, args.tokens, behind))
     bridge.close()
-    print(f"{args.streams} streams x {args.tokens} tokens, {args.behind} a step: hub CPU "
-          f"{statistics.median(rounds) * 1e6:.1f} us per token (median of {args.rounds} rounds: "
-          f"{', '.join(f'{r * 1e6:.1f}' for r in rounds)})")
-
+    first = statistics.median(rounds[behinds[0]])
+    for behind in behinds:
+        median = statistics.median(rounds[behind])
+        ratio = "" if behind == behinds[0] else f", {median / first:.2f}x the first"
+        print(f"{args.streams} streams x {args.tokens} tokens, {behind} a step: hub CPU {median * 1e6:.1f} us per "
+              f"token{ratio} (median of {args.rounds} rounds: {', '.join(f'{r * 1e6:.1f}' for r in rounds[behind])})")
 
 if __name__ == "__main__":
     main()

@@ -139,3 +139,4 @@ def test_hub_bench_streams_every_token_and_prints_the_cpu_per_token():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)  # a lost token would hang it
     assert done.returncode == 0, done.stderr
     assert "3 streams x 20 tokens, 1 a step: hub CPU" in done.stdout
+    assert "3 streams x 20 tokens, 4 a step: hub CPU" in done.stdout and "x the first" in done.stdout
