@@ -48,7 +48,8 @@ def observe_many(histogram: Histogram, values: list[float]) -> None:
 
     A stream's inter-token gaps are observed in batches (service/jobs.py): one observe per token wrote the
     sum and a bucket through prometheus_client's locked value objects (in multiprocess mode, its mmap
-    files) every time, a tenth of the hub's work per streamed token. This writes what those observes
+    files) every time: with the token counter's write, a fifth of the hub's work per streamed token
+    (bench/README.md section 13). This writes what those observes
     would: the sum once, and each bucket once with its count (tests/service/test_metrics.py compares
     the two). Where prometheus_client's internals differ, it observes one at a time."""
     try:

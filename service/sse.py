@@ -26,7 +26,6 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 RETRY_MS = 3000  # how long EventSource waits before it reconnects
-
 # Not line breaks for SSE, but str.splitlines() breaks on them; JSON allows them escaped.
 _SPLITLINES_EXTRA = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
@@ -39,8 +38,9 @@ def _single_line(text: str, what: str) -> str:
 
 class EncodedJSON(dict):
     """A JSON object that carries its own encoding, made by ``encode_json``: a streamed chunk built from a
-    template (service/openai_stream.py) costs the encoding of its text alone, not of the whole object (a
-    tenth of the hub's work per streamed token). Never changed once made: the encoding would go stale."""
+    template (service/openai_stream.py) costs the encoding of its text alone, not of the whole object's
+    (that was a fifth of the hub's work per streamed token, bench/README.md section 13). Never changed once
+    made: the encoding would go stale."""
 
     __slots__ = ("encoded",)
 
