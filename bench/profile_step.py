@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=None, help="fixed torch threads (default: the runner's)")
     parser.add_argument("--ops", type=int, default=12, help="profiler rows to print")
+    parser.add_argument("--shapes", action="store_true", help="profiler rows per op and input shapes")
     parser.add_argument("--compile", action="store_true", help="the decode step through torch.compile (RIVULET_COMPILE)")
     parser.add_argument("--no-packed", action="store_true",
                         help="no prepacked weights (RIVULET_PACKED_WEIGHTS=0): models/cpu_weights.py")
@@ -92,7 +93,7 @@ def main() -> None:
             total.append(end - start)
             forward.append(mid - start - sample[-1])
             detok.append(end - mid)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for _ in range(min(args.steps, 16)):
                 for result in runner.decode():
                     result.seq.append(result.token)
@@ -104,7 +105,8 @@ def main() -> None:
     print(f"  forward        {ms(forward):7.2f} ms")
     print(f"  sampling       {ms(sample):7.2f} ms")
     print(f"  detokenization {ms(detok):7.2f} ms")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total",
+                                                                  row_limit=args.ops))
 
 
 if __name__ == "__main__":

@@ -207,10 +207,10 @@ class Attention(nn.Module):
             self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
 
     @torch.no_grad()
-    def lay_out_for_cpu(self, pack: bool) -> None:
-        self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj, transposed=True)
+    def lay_out_for_cpu(self, pack: bool, transposed: bool = True) -> None:
+        self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj, transposed=transposed)
         self.qkv_packed = cpu_weights.pack(self.qkv_weight) if pack else None
-        lay_out_linear(self.o_proj, pack)
+        lay_out_linear(self.o_proj, pack, transposed)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,10 +305,10 @@ class MLP(nn.Module):
             self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj)
 
     @torch.no_grad()
-    def lay_out_for_cpu(self, pack: bool) -> None:
-        self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj, transposed=True)
+    def lay_out_for_cpu(self, pack: bool, transposed: bool = True) -> None:
+        self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj, transposed=transposed)
         self.gate_up_packed = cpu_weights.pack(self.gate_up_weight) if pack else None
-        lay_out_linear(self.down_proj, pack)
+        lay_out_linear(self.down_proj, pack, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None:
@@ -362,15 +362,16 @@ class Llama(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def lay_out_for_cpu(self, pack: bool) -> None:
-        """Inference on a CPU: every projection weight stored transposed, and with ``pack`` a prepacked
-        copy beside it, each serving the row counts it multiplies fastest (models/cpu_weights.py).
-        Fuses the projections first. Values, shapes and state-dict keys stay as they were."""
+    def lay_out_for_cpu(self, pack: bool, transposed: bool = True) -> None:
+        """Inference on a CPU: every projection weight stored transposed (unless ``transposed`` is False) and,
+        with ``pack``, a prepacked copy beside it, each serving the row counts it multiplies fastest
+        (models/cpu_weights.py). Fuses the projections first. Values, shapes and state-dict keys stay as
+        they were."""
         for layer in self.model.layers:
-            layer.self_attn.lay_out_for_cpu(pack)
-            layer.mlp.lay_out_for_cpu(pack)
+            layer.self_attn.lay_out_for_cpu(pack, transposed)
+            layer.mlp.lay_out_for_cpu(pack, transposed)
         # A head tied to the embeddings keeps its layout: the embedding reads rows of the same matrix.
-        lay_out_linear(self.lm_head, pack, transposed=not self.config.tie_word_embeddings)
+        lay_out_linear(self.lm_head, pack, transposed=transposed and not self.config.tie_word_embeddings)
 
     def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
         max_seq = max_seq or self.config.max_position_embeddings

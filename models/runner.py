@@ -71,8 +71,9 @@ class LlamaRunner:
         graphed = uncaptured_graphs or graphs_apply(self.device, cuda_graphs)
         model.setup_cache(max_batch, self.max_seq + (SPARE_POSITIONS if graphed else 0))
         model.fuse_projections()
-        if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py)
-            model.lay_out_for_cpu(pack=packed_weights)
+        if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py);
+            # compiled steps multiply one row by the loaded layout (``row_dots``), eager ones by the transposed
+            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode)
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None

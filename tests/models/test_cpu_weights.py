@@ -124,3 +124,53 @@ def test_the_backend_packs_the_weights_as_set_and_as_memory_allows(tiny_checkpoi
                                        packed_weights=setting)
     backend.load()
     assert (backend.runner.model.lm_head.packed is not None) is packed
+
+
+# torch.compile's first import touches torch.jit, which warns of its own deprecation.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_one_row_in_a_compiled_step_is_a_dot_product_per_weight_row():
+    """A weight in its loaded layout [out, in] (RIVULET_COMPILE keeps it so): one row goes through
+    ``row_dots`` when compiled, and gives what ``F.linear`` gives."""
+    weight = torch.randn(96, 64)
+    x = torch.randn(1, 1, 64)
+    traced = []
+    real = cpu_weights.row_dots
+
+    def spy(*args):
+        traced.append(1)
+        return real(*args)
+
+    compiled = torch.compile(lambda x, w: cpu_weights.linear(x, w, None), fullgraph=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_weights, "row_dots", spy)
+        out = compiled(x, weight)
+    assert traced  # the compiled graph took the dot products, not F.linear
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    # In eager mode the product would be materialized [out, in]: F.linear serves.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_weights, "row_dots", spy)
+        traced.clear()
+        cpu_weights.linear(x, weight, None)
+    assert not traced
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_compiling_runner_keeps_the_weights_in_their_loaded_layout():
+    model = random_model(tiny_config(max_position_embeddings=64), seed=3)
+    LlamaRunner(model, max_batch=2, compile_decode=True, packed_weights=False)
+    attention = model.model.layers[0].self_attn
+    assert attention.qkv_weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+    assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()
+    eager_model = random_model(tiny_config(max_position_embeddings=64), seed=3)
+    LlamaRunner(eager_model, max_batch=2, packed_weights=False)
+    assert eager_model.model.layers[0].self_attn.qkv_weight.t().is_contiguous()  # eager: stored transposed
+
+
+def test_a_dtype_the_cpu_cannot_pack_is_served_unpacked(monkeypatch):
+    """oneDNN's bf16 packing needs AVX-512 or AVX-NE-CONVERT; on a CPU without them the model loads unpacked."""
+    def unsupported(*args):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
+    monkeypatch.setattr(cpu_weights, "packing_available", lambda: True)
+    assert cpu_weights.pack(torch.randn(8, 8, dtype=torch.bfloat16)) is None
