@@ -100,6 +100,7 @@ def main() -> None:
     ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
     print(f"batch {args.batch}, torch threads {torch.get_num_threads()}, median of {args.steps} steps"
           f"{', compiled' if runner.compiled is not None and runner.compiled.steps else ''}"
+          f"{', compiled ahead of time' if runner.exported is not None and runner.exported.steps else ''}"
           f"{'' if args.no_packed else ', packed weights'}")
     print(f"  step           {ms(total):7.2f} ms  ({args.batch / statistics.median(total):.0f} tokens/s)")
     print(f"  forward        {ms(forward):7.2f} ms")

@@ -198,7 +198,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.cache: KVCache | None = None
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        # A non-persistent buffer (never in the state dict), so that an exported step can name it
+        # (models/exported_decode.py). Set by fuse().
+        self.register_buffer("qkv_weight", None, persistent=False)
+        # oneDNN's opaque layout, which export cannot trace: an attribute, left out of exported steps.
         self.qkv_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
 
     @torch.no_grad()
@@ -296,7 +299,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(), as Attention's
         self.gate_up_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
 
     @torch.no_grad()

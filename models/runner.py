@@ -18,6 +18,7 @@ import torch
 from models.api import TokenLogprob
 from models.attention_plan import plan_decode_attention
 from models.compiled_decode import CompiledDecode
+from models.exported_decode import ExportedDecode
 from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
 from models.prefix_cache import best_source
 from models.cpus import LoadAwareThreads, usable_cpus
@@ -86,6 +87,12 @@ class LlamaRunner:
         if compile_decode:
             self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
             self.compiled.warm_up(max_batch)
+        # And on a CPU the batch-1 step also ahead of time, without Dynamo or Python between its kernels
+        # (models/exported_decode.py); torch.compile's serves what it does not.
+        self.exported: ExportedDecode | None = None
+        if compile_decode and self.thread_policy is not None:
+            self.exported = ExportedDecode(model, self.thread_policy.idle)
+            self.exported.build()
         # Captured here, on the engine thread, with the cache and weights in place (they must stay there).
         self.graphed: GraphedDecode | None = None
         if graphed:
@@ -286,7 +293,10 @@ class LlamaRunner:
         if chunk:
             return self.model.decode_with_chunk(tokens, positions, plan.shared_keys, ragged, self._ids(chunk),
                                                 self.chunk_row, self.chunked, plan.alone)
-        if not plan.alone and self.compiled is not None and self.compiled.serves(torch.get_num_threads()):
+        threads = torch.get_num_threads()
+        if len(self.rows) == 1 and self.exported is not None and self.exported.serves(threads, plan.shared_keys):
+            return self.exported(tokens, positions, plan.shared_keys), None
+        if not plan.alone and self.compiled is not None and self.compiled.serves(threads):
             return self.compiled(tokens, positions, plan.shared_keys, ragged), None
         return self.model.decode(tokens, positions, plan.shared_keys, ragged, plan.alone), None
 

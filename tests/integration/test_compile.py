@@ -1,5 +1,6 @@
 """RIVULET_COMPILE under gunicorn's gevent worker: the decode step compiles at start-up on the engine
-thread (where gevent's patched process functions cannot start a compiler), and serves the same tokens."""
+thread (where gevent's patched process functions cannot start a compiler), the batch-1 step also ahead
+of time (AOTInductor), and the server gives the same tokens."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -36,4 +37,5 @@ def test_a_compiled_server_compiles_at_start_up_and_answers_as_an_eager_one(tmp_
     env = {"RIVULET_MAX_BATCH": "4", "RIVULET_COMPILE": "true", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     with live_server(env, log_dir=tmp_path, ready_timeout=300) as compiled:
         assert "RIVULET_COMPILE: decode step compiled" in compiled.log()  # not "did not compile"
+        assert "RIVULET_COMPILE: batch-1 step compiled ahead of time" in compiled.log()
         assert answers(compiled.url) == expected
