@@ -88,9 +88,10 @@ class LlamaRunner:
             self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
             self.compiled.warm_up(max_batch)
         # And on a CPU the batch-1 step also ahead of time, without Dynamo or Python between its kernels
-        # (models/exported_decode.py); torch.compile's serves what it does not.
+        # (models/exported_decode.py); torch.compile's serves what it does not. Not tried where torch.compile
+        # failed: the same C++ compiler would be missing (as in the Docker image), after seconds of export.
         self.exported: ExportedDecode | None = None
-        if compile_decode and self.thread_policy is not None:
+        if compile_decode and self.thread_policy is not None and self.compiled.error is None:
             self.exported = ExportedDecode(model, self.thread_policy.idle)
             self.exported.build()
         # Captured here, on the engine thread, with the cache and weights in place (they must stay there).
