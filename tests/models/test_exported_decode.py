@@ -91,12 +91,13 @@ def test_a_step_that_does_not_build_leaves_batch_1_to_torch_compile(monkeypatch,
 
     monkeypatch.setattr(exported_decode.torch._inductor, "aoti_compile_and_package", no_compiler, raising=False)
     model = random_model(tiny_config(max_position_embeddings=CONTEXT), seed=11)
-    runner = LlamaRunner(model, max_batch=2, compile_decode=False)
+    LlamaRunner(model, max_batch=2, compile_decode=False)  # the caches and the layout, as a compiling runner has
+    caches = [layer.self_attn.cache for layer in model.model.layers]
     step = ExportedDecode(model, threads=torch.get_num_threads())
     step.build()
     assert step.error == "RuntimeError: no C++ compiler found"
     assert not step.serves(step.threads, 8)
     assert "not compiled ahead of time, torch.compile serves it" in caplog.text
-    # The model is as it was: its caches are back in place.
-    assert all(layer.self_attn.cache is not None for layer in model.model.layers)
-    assert runner.model is model
+    # The model is as it was: its own caches are back in place (the build detaches them while it exports).
+    assert [layer.self_attn.cache for layer in model.model.layers] == caches
+    assert all(cache is not None for cache in caches)
