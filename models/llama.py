@@ -10,7 +10,9 @@ The ways through the model:
   the padding's cached keys lie past each row's length, where decode masks them (and overwrites them).
 - ``decode(tokens, positions)``: one new token for each of the first B cache rows, each at its own
   position; rows are kept compact (0..B-1) by the runner so attention reads a view, never a copy. A
-  few much longer rows may attend on their own (``alone``, planned by models/attention_plan.py).
+  few much longer rows may attend on their own (``alone``, planned by models/attention_plan.py). On a
+  CPU with ``use_native_attention()``, batched steps attend instead through a kernel that reads each
+  row's own keys only (models/ragged_attention.py): no mask, no lone rows.
 - ``prefill_chunk`` / ``decode_with_chunk``: the next piece of one long prompt, alone or in the same
   pass as a decode step (one read of the weights for both).
 - ``decode_static(tokens, positions, write_positions, keys)``: ``decode`` with every shape fixed by the
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import cpu_weights
+from models import cpu_weights, ragged_attention
 from models.config import LlamaConfig
 
 
@@ -234,11 +236,11 @@ class Attention(nn.Module):
                 rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, keys: int | None = None,
                 row: int | None = None, start: int = 0, chunk_mask: torch.Tensor | None = None,
-                alone: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+                alone: tuple[tuple[int, int], ...] = (), lengths: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if mode == "decode":
-            out = self._decode_attention(q, k, v, slots, mask, keys, alone)
+            out = self._decode_attention(q, k, v, slots, mask, keys, alone, lengths)
         elif mode == "static":
             assert self.cache is not None and slots is not None and mask is not None and keys is not None
             self.cache.write_step(slots, k, v)
@@ -252,7 +254,7 @@ class Attention(nn.Module):
             assert slots is not None
             rows_decoding = slots.shape[0] // self.n_kv_heads
             decoded = self._decode_attention(*(per_row(t, rows_decoding) for t in (q, k, v)),
-                                             slots, mask, keys, alone)  # [B, H, 1, D]
+                                             slots, mask, keys, alone, lengths)  # [B, H, 1, D]
             chunked = self._chunk_attention(q[:, :, rows_decoding:], k[:, :, rows_decoding:], v[:, :, rows_decoding:],
                                             row, start, chunk_mask)  # [1, H, C, D]
             out = torch.cat([decoded.squeeze(2).transpose(0, 1).unsqueeze(0), chunked], dim=2)  # [1, H, B+C, D]
@@ -266,14 +268,17 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None,
-                          mask: torch.Tensor | None, keys: int | None, alone: tuple[tuple[int, int], ...] = ()
-                          ) -> torch.Tensor:
+                          mask: torch.Tensor | None, keys: int | None, alone: tuple[tuple[int, int], ...] = (),
+                          lengths: torch.Tensor | None = None) -> torch.Tensor:
         """One new token for each of cache rows 0..B-1: q, k, v [B, H|KV, 1, D]. -> [B, H, 1, D]
 
-        Rows in ``alone`` (row, length) attend over exactly their own keys; the shared attention's result
-        for them (over ``keys`` keys only) is replaced."""
+        With ``lengths`` [B], row b attends over its first ``lengths[b]`` keys through the native kernel
+        (models/ragged_attention.py). Otherwise rows in ``alone`` (row, length) attend over exactly their own
+        keys, and the shared attention's result for them (over ``keys`` keys only) is replaced."""
         assert self.cache is not None and slots is not None and keys is not None
         self.cache.write_step(slots, k, v)
+        if lengths is not None:
+            return ragged_attention.attend(q, self.cache.k, self.cache.v, lengths)
         gqa = self.n_kv_heads != self.n_heads
         k, v = self.cache.view(q.shape[0], keys)  # [B, KV, L, D]
         # No mask when every row sees all L keys (batch 1, or rows of one length).
@@ -348,6 +353,7 @@ class Llama(nn.Module):
         self.model = LlamaBody(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTable(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.native_attention = False  # batched decode steps through models/ragged_attention.py
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -429,6 +435,21 @@ class Llama(nn.Module):
         mask = torch.where(keys.unsqueeze(0) > positions.unsqueeze(1), float("-inf"), 0.0)  # [B, L]
         return mask.to(self.lm_head.weight.dtype)[:, None, None, :]
 
+    def use_native_attention(self) -> bool:
+        """Batched decode steps attend through the native kernel (models/ragged_attention.py) where it
+        builds and takes this model. -> whether it does"""
+        attention = self.model.layers[0].self_attn
+        param = self.lm_head.weight
+        self.native_attention = (ragged_attention.RaggedAttention.takes(
+            attention.n_heads, attention.n_kv_heads, attention.head_dim, param.dtype, param.device)
+            and ragged_attention.load() is not None)
+        return self.native_attention
+
+    def _native_lengths(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Each row's key count for the native kernel (its position + 1), or None where SDPA attends: no
+        kernel, or one row (no mask to save, and the batch-1 step compiled ahead of time uses SDPA)."""
+        return positions + 1 if self.native_attention and positions.shape[0] > 1 else None
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None,
                ragged: bool = True, alone: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
         """One step for cache rows 0..B-1: ``tokens`` [B] at ``positions`` [B]. -> logits [B, V]
@@ -440,10 +461,11 @@ class Llama(nn.Module):
         """
         if length is None:
             length = int(positions.max()) + 1
-        mask = self._decode_mask(positions, length) if ragged else None
+        lengths = self._native_lengths(positions)
+        mask = self._decode_mask(positions, length) if ragged and lengths is None else None
         slots = self.model.layers[0].self_attn.cache.slots(positions)  # the same in every layer
         hidden = self._run(tokens.unsqueeze(1), positions.unsqueeze(1), mode="decode", slots=slots, mask=mask,
-                           keys=length, alone=alone)
+                           keys=length, alone=alone if lengths is None else (), lengths=lengths)
         return self.lm_head(hidden[:, 0])
 
     def decode_static(self, tokens: torch.Tensor, positions: torch.Tensor, write_positions: torch.Tensor,
@@ -471,9 +493,11 @@ class Llama(nn.Module):
         batch, size = tokens.shape[0], chunk.shape[0]
         chunk_positions = torch.arange(start, start + size, device=tokens.device)
         slots = self.model.layers[0].self_attn.cache.slots(positions)
+        lengths = self._native_lengths(positions)
         hidden = self._run(torch.cat([tokens, chunk]).unsqueeze(0),
                            torch.cat([positions, chunk_positions]).unsqueeze(0), mode="mixed", slots=slots,
-                           mask=self._decode_mask(positions, length) if ragged else None, keys=length, alone=alone,
+                           mask=self._decode_mask(positions, length) if ragged and lengths is None else None,
+                           keys=length, alone=alone if lengths is None else (), lengths=lengths,
                            row=row, start=start, chunk_mask=self._chunk_mask(chunk_positions, start + size))
         # hidden [1, B+C, hidden]
         logits = self.lm_head(torch.cat([hidden[0, :batch], hidden[0, -1:]]))  # [B+1, V]

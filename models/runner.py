@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from models.api import TokenLogprob
-from models.attention_plan import plan_decode_attention
+from models.attention_plan import AttentionPlan, plan_decode_attention
 from models.compiled_decode import CompiledDecode
 from models.exported_decode import ExportedDecode
 from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
@@ -60,7 +60,7 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
                  prefix_caching: bool = True, packed_weights: bool = True, cuda_graphs: bool = True,
-                 uncaptured_graphs: bool = False) -> None:
+                 uncaptured_graphs: bool = False, native_attention: bool = True) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -75,6 +75,10 @@ class LlamaRunner:
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py);
             # compiled steps multiply one row by the loaded layout (``row_dots``), eager ones by the transposed
             model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode)
+        # RIVULET_NATIVE_ATTENTION: batched steps attend over each row's own keys (models/ragged_attention.py),
+        # set before any step is compiled, which then calls the kernel.
+        if native_attention and self.device.type == "cpu":
+            model.use_native_attention()
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None
@@ -287,7 +291,9 @@ class LlamaRunner:
                 return logits, None
         tokens = self._ids([s.last_token for s in self.rows])
         positions = self._ids(positions_list)
-        plan = plan_decode_attention([n + 1 for n in positions_list])
+        lengths = [n + 1 for n in positions_list]
+        # The native kernel attends over each row's own keys: nothing to plan.
+        plan = AttentionPlan(max(lengths)) if self.model.native_attention else plan_decode_attention(lengths)
         alone_rows = {row for row, _ in plan.alone}
         # The shared attention needs a mask unless every row in it sees all its keys.
         ragged = any(n + 1 < plan.shared_keys for row, n in enumerate(positions_list) if row not in alone_rows)

@@ -54,7 +54,8 @@ class Runtime:
         # One worker per GPU: this worker's own device (RIVULET_DEVICE=cuda -> cuda:<its slot>).
         spec = ModelSpec(settings.model, worker_device(settings.device), settings.max_batch, settings.max_waiting,
                          settings.max_context, settings.prefill_chunk_tokens, settings.compile,
-                         settings.prefix_caching, settings.packed_weights, settings.cuda_graphs)
+                         settings.prefix_caching, settings.packed_weights, settings.cuda_graphs,
+                         settings.native_attention)
         model = open_model(spec, backend=backend)
         engine = model.engine
         metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count,

@@ -140,3 +140,20 @@ def test_hub_bench_streams_every_token_and_prints_the_cpu_per_token():
     assert done.returncode == 0, done.stderr
     assert "3 streams x 20 tokens, 1 a step: hub CPU" in done.stdout
     assert "3 streams x 20 tokens, 4 a step: hub CPU" in done.stdout and "x the first" in done.stdout
+
+
+def test_attention_bench_checks_the_kernel_and_prints_the_ratio_it_measured(monkeypatch, capsys):
+    from bench import attention_bench
+
+    if attention_bench.ragged_attention.load() is None:
+        pytest.skip("no C compiler to build the native decode attention")
+    monkeypatch.setattr(sys, "argv", ["attention_bench", "--batches", "2,5", "--heads", "4", "--kv-heads", "2",
+                                      "--positions", "64", "--max-keys", "60", "--rounds", "1", "--repeats", "3"])
+    attention_bench.main()  # it asserts the two agree before timing them
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [int(row[0]) for row in rows] == [2, 5]
+    for row in rows:
+        sdpa_us, native_us, ratio = float(row[2]), float(row[3]), float(row[5])
+        assert sdpa_us > 0 and native_us > 0
+        assert ratio == pytest.approx(sdpa_us / native_us, rel=0.05, abs=0.01)
