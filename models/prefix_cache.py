@@ -7,8 +7,9 @@ with a request already running copies that row's cached prefix (one copy per lay
 computes only the rest of its prompt, attending to the copied keys (``Llama.prefill_chunk``).
 
 The sources are the rows running now: the cache has one row per running request (models/runner.py),
-and a finished request's row is reused at once, so nothing is kept for later arrivals. Under steady
-chat load (many conversations with the same system prompt) some row nearly always holds it.
+and a finished request's row is reused at once. Under steady chat load (many conversations with the same
+system prompt) some row nearly always holds it. A prompt identical to one a row still holds, running or
+not, is models/row_prompts.py's: it is not computed at all.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from models.compiled_decode import CompiledDecode
 from models.exported_decode import ExportedDecode
 from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
 from models.prefix_cache import best_source
+from models.row_prompts import RowPrompts
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
@@ -107,6 +108,9 @@ class LlamaRunner:
         # (models/prefix_cache.py). Counted for the log and the tests: prompt tokens not computed.
         self.prefix_caching = prefix_caching
         self.prefix_tokens_reused = 0
+        # The prompt each row holds (running rows, and freed ones until overwritten) with its last logits:
+        # the same prompt again is copied, not computed (models/row_prompts.py). Part of prefix caching.
+        self.row_prompts = RowPrompts()
         self.rows: list[Sequence] = []
         self.cached: list[int] = []  # positions written to each row's cache, parallel to rows
         # A long prompt is prefilled in chunks (prefill_chunk) in the last cache row, which running rows
@@ -140,6 +144,7 @@ class LlamaRunner:
         if error is not None:
             return StepResult(seq, None, error)
         seq.generator = make_generator(seq.params, self.device)
+        self.row_prompts.forget(self.chunk_row)  # its chunks overwrite it from position 0
         self.chunking, self.chunked = seq, self._copy_shared_prefix(seq, self.chunk_row, len(self.rows))
         return None
 
@@ -153,9 +158,29 @@ class LlamaRunner:
         if source is None:
             return 0
         source_row, shared = source
-        self.model.move_cache_row(source_row, row, shared)
+        self._move_row(source_row, row, shared)
         self.prefix_tokens_reused += shared
         return shared
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` cached positions into row ``dst``."""
+        self.model.move_cache_row(src, dst, length)
+        self.row_prompts.moved(src, dst, length)
+
+    def _reuse_prompt(self, seq: Sequence) -> StepResult | None:
+        """If a row holds exactly ``seq``'s prompt, give ``seq``'s row a copy of it (nothing to copy when
+        it is that row) -> its first token, sampled from the held logits; None when no row does."""
+        prompt = seq.request.prompt_ids
+        found = self.row_prompts.find(prompt, prefer=seq.row)
+        if found is None:
+            return None
+        source, logits = found
+        if source != seq.row:
+            self._move_row(source, seq.row, len(prompt))
+        self.cached[seq.row] = len(prompt)
+        self.prefix_tokens_reused += len(prompt)
+        logits = logits.unsqueeze(0)  # [1, V]
+        return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
 
     def _next_chunk(self, seq: Sequence, budget: int) -> list[int]:
         return seq.request.prompt_ids[self.chunked:self.chunked + budget]
@@ -169,7 +194,8 @@ class LlamaRunner:
             return None
         row = len(self.rows)
         if row != self.chunk_row:
-            self.model.move_cache_row(self.chunk_row, row, len(prompt))
+            self._move_row(self.chunk_row, row, len(prompt))
+        self.row_prompts.hold(row, prompt, logits)
         seq.row = row
         self.rows.append(seq)
         self.cached.append(len(prompt))
@@ -204,22 +230,38 @@ class LlamaRunner:
             else:
                 seq.generator = make_generator(seq.params, self.device)
                 valid.append(seq)
-        whole = []
-        for seq in valid:  # a prompt that begins like a running row's computes only the rest
+        whole: list[Sequence] = []
+        computing: set[tuple[int, ...]] = set()
+        repeats: list[Sequence] = []  # the same prompt as one computed in this burst: copied after it
+        for seq in valid:
+            reused = self._reuse_prompt(seq) if self.prefix_caching else None
+            if reused is not None:  # a row holds this very prompt
+                results[id(seq)] = reused
+                continue
+            prompt = tuple(seq.request.prompt_ids)
+            if self.prefix_caching and prompt in computing:
+                repeats.append(seq)
+                continue
             shared = self._copy_shared_prefix(seq, seq.row, running)
-            if shared:
+            if shared:  # a prompt that begins like a running row's computes only the rest
                 results[id(seq)] = self._prefill_rest(seq, shared)
             else:
                 whole.append(seq)
+                computing.add(prompt)
         for group in self._prefill_groups(whole):
             for result in self._prefill_group(group):
                 results[id(result.seq)] = result
+        for seq in repeats:
+            reused = self._reuse_prompt(seq)
+            assert reused is not None, "a prompt computed in this burst is held by its row"
+            results[id(seq)] = reused
         return [results[id(seq)] for seq in seqs]
 
     def _prefill_rest(self, seq: Sequence, start: int) -> StepResult:
         """Prefill ``seq``'s prompt from ``start`` on, its row holding the positions before. -> its first token."""
         prompt = seq.request.prompt_ids
         logits = self.model.prefill_chunk(self._ids(prompt[start:]), seq.row, start).unsqueeze(0)  # [1, V]
+        self.row_prompts.hold(seq.row, prompt, logits[0])
         self.cached[seq.row] = len(prompt)
         return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
 
@@ -244,9 +286,12 @@ class LlamaRunner:
         tokens = self._ids(padded)  # [N, T]
         rows = self._ids([s.row for s in group])
         lengths = self._ids(lengths_list)
+        for seq in group:
+            self.row_prompts.forget(seq.row)
         logits = self.model.prefill(tokens, rows, lengths)  # [N, V]
-        for seq, length in zip(group, lengths_list):
+        for i, (seq, length) in enumerate(zip(group, lengths_list)):
             self.cached[seq.row] = length
+            self.row_prompts.hold(seq.row, seq.request.prompt_ids, logits[i])
         sampled = sample(logits, [s.params for s in group], [s.generator for s in group], histories(group))
         return step_results(group, logits, sampled)
 
@@ -328,7 +373,7 @@ class LlamaRunner:
         last_row = len(self.rows) - 1
         if row != last_row:
             last = self.rows[last_row]
-            self.model.move_cache_row(last_row, row, self.cached[last_row])
+            self._move_row(last_row, row, self.cached[last_row])
             self.rows[row], self.cached[row] = last, self.cached[last_row]
             last.row = row
         self.rows.pop()

@@ -48,7 +48,8 @@ class Settings(BaseModel):
     # (without one, the step runs eager and the log says why).
     compile: bool = False
     # A prompt that begins with 64 or more of the same tokens as a running request's prompt (a shared
-    # system prompt) copies that row's cached keys instead of computing them (models/prefix_cache.py).
+    # system prompt) copies that row's cached keys instead of computing them (models/prefix_cache.py);
+    # one identical to a prompt a row still holds is not computed at all (models/row_prompts.py).
     prefix_caching: bool = True
     # On a CPU, a second copy of the projection weights in oneDNN's blocked layout, which batched decode
     # steps multiply 1.2-1.5x faster (models/cpu_weights.py). It costs the weights' memory once more, so it
