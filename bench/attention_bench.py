@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models import ragged_attention
+from models import native_build, ragged_attention
 
 
 def median_us(fn, repeats: int) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     kernel = ragged_attention.load()
     if kernel is None:
-        raise SystemExit(f"the kernel did not build: {ragged_attention._load_error}")
+        raise SystemExit(f"the kernel did not build: {native_build.load_error}")
     generator = torch.Generator().manual_seed(0)
     print(f"{args.heads} heads / {args.kv_heads} kv heads of {args.head_dim}, keys {args.min_keys}-{args.max_keys}, "
           f"{torch.get_num_threads()} threads")

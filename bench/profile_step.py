@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="the decode step through torch.compile (RIVULET_COMPILE)")
     parser.add_argument("--no-packed", action="store_true",
                         help="no prepacked weights (RIVULET_PACKED_WEIGHTS=0): models/cpu_weights.py")
+    parser.add_argument("--no-native", action="store_true",
+                        help="no native C kernels (RIVULET_NATIVE_KERNELS=0): models/native_build.py")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -62,7 +64,8 @@ def main() -> None:
     tokenizer = load_tokenizer(args.checkpoint)
     max_seq = args.prompt_tokens + 2 * args.steps + 8
     torch.set_num_threads(max(1, usable_cpus() - 1))  # what the engine thread starts from
-    runner = LlamaRunner(model, args.batch, max_seq, compile_decode=args.compile, packed_weights=not args.no_packed)
+    runner = LlamaRunner(model, args.batch, max_seq, compile_decode=args.compile, packed_weights=not args.no_packed,
+                         native_kernels=not args.no_native)
     if args.threads:
         torch.set_num_threads(args.threads)
         runner.thread_policy = None  # keep it fixed
@@ -101,6 +104,8 @@ def main() -> None:
     print(f"batch {args.batch}, torch threads {torch.get_num_threads()}, median of {args.steps} steps"
           f"{', compiled' if runner.compiled is not None and runner.compiled.steps else ''}"
           f"{', compiled ahead of time' if runner.exported is not None and runner.exported.steps else ''}"
+          f"{', native one-row step' if runner.native_step is not None and runner.native_step.steps else ''}"
+          f"{', native attention' if runner.model.native_attention and args.batch > 1 else ''}"
           f"{'' if args.no_packed else ', packed weights'}")
     print(f"  step           {ms(total):7.2f} ms  ({args.batch / statistics.median(total):.0f} tokens/s)")
     print(f"  forward        {ms(forward):7.2f} ms")

@@ -10,8 +10,9 @@ The price is start-up time: each kind of step is compiled once, at load, before 
 Anything that fails to compile is logged and the step runs eager: compiling is an optimisation, never a
 reason not to serve.
 
-On a CPU a batch-1 step is also compiled ahead of time (models/exported_decode.py), which serves it
-without this module's per-call overhead; the batch-1 graph compiled here is its fallback.
+On a CPU a batch-1 step runs the native one-row step (models/native_step.py) where the C kernels build,
+else a library compiled ahead of time (models/exported_decode.py); either serves it without this
+module's per-call overhead, and the batch-1 graph compiled here is their fallback.
 
 Only the plain decode step is compiled: a step with a long prompt's chunk, or with rows attending alone,
 has a shape of its own each time and runs eager. On a CPU the compiled kernels keep the thread count they

@@ -1,4 +1,5 @@
-"""The batch-1 decode step compiled ahead of time by AOTInductor (RIVULET_COMPILE on a CPU).
+"""The batch-1 decode step compiled ahead of time by AOTInductor (RIVULET_COMPILE on a CPU, where the
+native one-row step of models/native_step.py does not serve: RIVULET_NATIVE_KERNELS off, or no kernels).
 
 At one stream a step through ``torch.compile`` (models/compiled_decode.py) spends about half a
 millisecond outside its kernels: Dynamo's cache lookup and pre-graph bytecode, then inductor's Python

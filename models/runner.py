@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from models import native_build, native_step
 from models.api import TokenLogprob
 from models.attention_plan import AttentionPlan, plan_decode_attention
 from models.compiled_decode import CompiledDecode
 from models.exported_decode import ExportedDecode
+from models.native_step import NativeStep
 from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
 from models.prefix_cache import best_source
 from models.row_prompts import RowPrompts
@@ -61,7 +63,7 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
                  prefix_caching: bool = True, packed_weights: bool = True, cuda_graphs: bool = True,
-                 uncaptured_graphs: bool = False, native_attention: bool = True) -> None:
+                 uncaptured_graphs: bool = False, native_kernels: bool = True) -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -73,13 +75,17 @@ class LlamaRunner:
         graphed = uncaptured_graphs or graphs_apply(self.device, cuda_graphs)
         model.setup_cache(max_batch, self.max_seq + (SPARE_POSITIONS if graphed else 0))
         model.fuse_projections()
-        if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py);
-            # compiled steps multiply one row by the loaded layout (``row_dots``), eager ones by the transposed
-            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode)
-        # RIVULET_NATIVE_ATTENTION: batched steps attend over each row's own keys (models/ragged_attention.py),
-        # set before any step is compiled, which then calls the kernel.
-        if native_attention and self.device.type == "cpu":
+        # RIVULET_NATIVE_KERNELS: on a CPU in fp32, C kernels built at start-up (models/native_build.py) run the
+        # one-row step (models/native_step.py) and batched steps' attention (models/ragged_attention.py).
+        native = (native_kernels and self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+                  and native_build.load() is not None)
+        if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
+            # compiled steps (``row_dots``) and the native one-row step read one row's products from the
+            # loaded layout, eager ones from the transposed
+            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not native)
+        if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
+        self.native_step: NativeStep | None = native_step.bind(model) if native else None
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None
@@ -95,8 +101,10 @@ class LlamaRunner:
         # And on a CPU the batch-1 step also ahead of time, without Dynamo or Python between its kernels
         # (models/exported_decode.py); torch.compile's serves what it does not. Not tried where torch.compile
         # failed: the same C++ compiler would be missing (as in the Docker image), after seconds of export.
+        # Where the native one-row step serves, the library would serve nothing: not built.
         self.exported: ExportedDecode | None = None
-        if compile_decode and self.thread_policy is not None and self.compiled.error is None:
+        if (compile_decode and self.thread_policy is not None and self.compiled.error is None
+                and self.native_step is None):
             self.exported = ExportedDecode(model, self.thread_policy.idle)
             self.exported.build()
         # Captured here, on the engine thread, with the cache and weights in place (they must stay there).
@@ -334,6 +342,9 @@ class LlamaRunner:
             logits = self.graphed.step([s.last_token for s in self.rows], positions_list)
             if logits is not None:  # None: the graphs failed once (logged), this step and later ones run eager
                 return logits, None
+        if not chunk and len(self.rows) == 1 and self.native_step is not None and self.native_step.serves(
+                positions_list[0]):
+            return self.native_step(self.rows[0].last_token, positions_list[0]), None
         tokens = self._ids([s.last_token for s in self.rows])
         positions = self._ids(positions_list)
         lengths = [n + 1 for n in positions_list]

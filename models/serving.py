@@ -43,7 +43,7 @@ class ModelSpec:
     prefix_caching: bool = True  # a prompt that begins like a running one's copies that row's prefix
     packed_weights: bool = True  # on a CPU, a prepacked copy of the weights for batched steps
     cuda_graphs: bool = True  # on CUDA, plain decode steps replayed from CUDA graphs
-    native_attention: bool = True  # on a CPU, batched decode attention through models/ragged_attention.py
+    native_kernels: bool = True  # on a CPU, decode steps through models/native_kernels.c where it builds
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +63,7 @@ def open_model(spec: ModelSpec, *, backend: Backend | None = None) -> ServedMode
         else:
             backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context,
                                    spec.prefill_chunk_tokens, spec.compile_decode, spec.prefix_caching,
-                                   spec.packed_weights, spec.cuda_graphs, spec.native_attention)
+                                   spec.packed_weights, spec.cuda_graphs, spec.native_kernels)
     engine = Engine(backend, max_batch=spec.max_batch, max_waiting=spec.max_waiting)
     return ServedModel(backend, engine)
 

@@ -55,10 +55,10 @@ class Settings(BaseModel):
     # steps multiply 1.2-1.5x faster (models/cpu_weights.py). It costs the weights' memory once more, so it
     # is skipped when they take more than a quarter of the free memory; off here saves that memory always.
     packed_weights: bool = True
-    # On a CPU, batched decode steps attend over each row's own keys through a small C kernel built at
-    # start-up by the machine's compiler (models/ragged_attention.py): 1.7-3x faster than SDPA's masked
-    # attention over the longest row. Without a compiler, or off here, they attend through SDPA.
-    native_attention: bool = True
+    # On a CPU in fp32, C kernels built at start-up by the machine's C compiler (models/native_build.py):
+    # a one-row decode step in one call (models/native_step.py) and batched steps' attention over each
+    # row's own keys (models/ragged_attention.py). Without a compiler, or off here, torch runs them.
+    native_kernels: bool = True
     # On CUDA, replay each plain decode step from a CUDA graph (models/cuda_graphs.py): one launch a step
     # instead of one per kernel, of which a small model's eager step has hundreds. One graph per batch-size
     # bucket is captured at start-up, longer key counts on first use; each KV-cache row holds one spare

@@ -106,8 +106,16 @@ def test_the_runner_decodes_the_same_greedy_tokens_with_and_without_packing():
 
 def test_the_runner_lays_out_a_cpu_model_once_loaded():
     model = random_model(tiny_config(max_position_embeddings=64), seed=3)
-    LlamaRunner(model, max_batch=2, packed_weights=False)
+    LlamaRunner(model, max_batch=2, packed_weights=False, native_kernels=False)
     assert model.lm_head.weight.t().is_contiguous()
+
+
+def test_the_native_one_row_step_keeps_the_weights_in_their_loaded_layout():
+    model = random_model(tiny_config(max_position_embeddings=64), seed=3)
+    runner = LlamaRunner(model, max_batch=2, packed_weights=False)
+    if runner.native_step is None:
+        pytest.skip("no C compiler for the native kernels")
+    assert model.lm_head.weight.is_contiguous() and model.model.layers[0].self_attn.qkv_weight.is_contiguous()
 
 
 @needs_packing
@@ -166,7 +174,7 @@ def test_a_compiling_runner_keeps_the_weights_in_their_loaded_layout(monkeypatch
     assert attention.qkv_weight.is_contiguous() and model.lm_head.weight.is_contiguous()
     assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()
     eager_model = random_model(tiny_config(max_position_embeddings=64), seed=3)
-    LlamaRunner(eager_model, max_batch=2, packed_weights=False)
+    LlamaRunner(eager_model, max_batch=2, packed_weights=False, native_kernels=False)
     assert eager_model.model.layers[0].self_attn.qkv_weight.t().is_contiguous()  # eager: stored transposed
 
 

@@ -21,7 +21,8 @@ def built():
     tokens of the same requests through an eager runner of the same weights. Built once: it compiles."""
     with torch.inference_mode():
         model = random_model(tiny_config(max_position_embeddings=CONTEXT), seed=11)
-    tokens, runner = greedy_run_with(model, compile_decode=True)
+    # The native one-row step (models/native_step.py) would serve batch 1 instead: off, to test the library.
+    tokens, runner = greedy_run_with(model, compile_decode=True, native_kernels=False)
     eager, _ = greedy_run_with(random_model(tiny_config(max_position_embeddings=CONTEXT), seed=11))
     return model, runner, tokens, eager
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ragged_attention
+from models import native_build, ragged_attention
 from models import runner as runner_module
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 @pytest.fixture(scope="module")
 def kernel() -> ragged_attention.RaggedAttention:
     loaded = ragged_attention.load()
-    assert loaded is not None, ragged_attention._load_error
+    assert loaded is not None, native_build.load_error
     return loaded
 
 
@@ -101,9 +101,9 @@ def test_a_call_it_cannot_serve_raises_instead_of_reading_memory(kernel):
 
 
 def test_the_library_is_built_once_per_source_and_cpu(tmp_path):
-    first = ragged_attention.build(tmp_path)
+    first = native_build.build(tmp_path)
     built_at = first.stat().st_mtime_ns
-    assert ragged_attention.build(tmp_path) == first
+    assert native_build.build(tmp_path) == first
     assert first.stat().st_mtime_ns == built_at
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left behind
 
@@ -111,8 +111,8 @@ def test_the_library_is_built_once_per_source_and_cpu(tmp_path):
 def test_a_failing_compiler_is_an_error_not_a_library(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(Exception) as raised:
-        ragged_attention.build(tmp_path)
-    assert isinstance(raised.value, (OSError, RuntimeError, ragged_attention.subprocess.SubprocessError))
+        native_build.build(tmp_path)
+    assert isinstance(raised.value, (OSError, RuntimeError, native_build.subprocess.SubprocessError))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -163,7 +163,7 @@ def test_a_step_with_a_prompts_chunk_through_the_kernel_equals_the_masked_one(ke
 
 
 def test_the_runner_decodes_the_same_tokens_with_the_kernel_and_plans_no_lone_rows(kernel, monkeypatch):
-    without, runner_off = greedy_run_with(random_model(tiny_config(), seed=3), native_attention=False)
+    without, runner_off = greedy_run_with(random_model(tiny_config(), seed=3), native_kernels=False)
     assert not runner_off.model.native_attention
     planned = []
     real_plan = runner_module.plan_decode_attention
@@ -177,13 +177,14 @@ def test_the_runner_decodes_the_same_tokens_with_the_kernel_and_plans_no_lone_ro
 
 def test_without_a_kernel_the_model_attends_through_sdpa(monkeypatch):
     monkeypatch.setattr(ragged_attention, "_loaded", None)
-    monkeypatch.setattr(ragged_attention, "_load_error", None)
-    monkeypatch.setattr(ragged_attention, "build", lambda cache_dir=None: (_ for _ in ()).throw(
+    monkeypatch.setattr(native_build, "_library", None)
+    monkeypatch.setattr(native_build, "load_error", None)
+    monkeypatch.setattr(native_build, "build", lambda cache_dir=None: (_ for _ in ()).throw(
         RuntimeError("no C compiler (cc, gcc or $CC)")))
     model = small_llama()
     model.setup_cache(3, 64)
     assert not model.use_native_attention()
-    assert ragged_attention._load_error == "RuntimeError: no C compiler (cc, gcc or $CC)"
+    assert native_build.load_error == "RuntimeError: no C compiler (cc, gcc or $CC)"
     prefill_rows(model, [4, 9])
     with torch.inference_mode():
         logits = model.decode(torch.tensor([1, 2]), torch.tensor([4, 9]), 10, ragged=True)

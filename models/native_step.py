@@ -1,0 +1,145 @@
+"""A one-row decode step in C (``decode_one`` in models/native_kernels.c), on a CPU in fp32.
+
+One stream is how most people first try a server, and there a decode step is one pass over every weight
+for one row: bound by how fast the weights stream from memory. Through torch that pass is ~200 operators
+(eager) or a compiled graph whose matrix-vector products stream at 8-15 GB/s on a 2-core VM; here it is
+one call that streams each weight once, four rows at a time with software prefetch, on torch's OpenMP
+threads, the GIL released. No compile step and no inductor: a C compiler is all it needs (built with the
+other kernels, models/native_build.py), so it serves with ``RIVULET_COMPILE`` off as well as on.
+
+It reads the model's own tensors where they are (weights in either layout models/cpu_weights.py gives
+them, the KV cache's row 0, the rotary tables): nothing is copied, and an in-place change to a weight is
+seen by the next step. The tensors are bound once (``NativeStep(model)``), after the runner has laid them
+out and set up the cache; they are held here, so nothing this step reads can be freed under it.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from models import native_build
+from models.llama import Llama
+from models.ragged_attention import MAX_DIM, MAX_GROUP
+
+_i64, _f32, _float_p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64), ("col_stride", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _float_p), ("post_norm", _float_p), ("qkv", _Matrix), ("o", _Matrix),
+                ("gate_up", _Matrix), ("down", _Matrix), ("keys", _float_p), ("values", _float_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("dim", _i64), ("intermediate", _i64),
+                ("vocab", _i64), ("layers", _i64), ("positions", _i64), ("rotary_positions", _i64),
+                ("eps", _f32), ("embed", _float_p), ("final_norm", _float_p), ("lm_head", _Matrix),
+                ("cos", _float_p), ("sin", _float_p), ("layer", ctypes.POINTER(_Layer))]
+
+
+def takes(model: Llama) -> bool:
+    """Whether the C step serves ``model``: fp32 on a CPU, fused projections, a cache, supported shapes."""
+    config = model.config
+    attention = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    return (model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
+            and attention.cache is not None and attention.qkv_weight is not None
+            and mlp.gate_up_weight is not None and config.num_attention_heads % config.num_key_value_heads == 0
+            and config.num_attention_heads // config.num_key_value_heads <= MAX_GROUP
+            and config.head_dim <= MAX_DIM and config.head_dim % 2 == 0)
+
+
+class NativeStep:
+    def __init__(self, model: Llama, library: ctypes.CDLL) -> None:
+        """Bind ``model``'s tensors (laid out, fused, with its cache set up: ``takes(model)``)."""
+        if not takes(model):
+            raise ValueError("the native step does not take this model")
+        self._decode = library.decode_one
+        self._decode.restype = ctypes.c_int
+        self._decode.argtypes = [ctypes.POINTER(_Model), _i64, _i64, _float_p, _float_p, ctypes.c_int]
+        scratch_size = library.decode_one_scratch
+        scratch_size.restype = _i64
+        scratch_size.argtypes = [ctypes.POINTER(_Model)]
+        config = model.config
+        self._held: list[torch.Tensor] = []  # every tensor the C step reads: kept alive as long as it is
+        layers = (_Layer * config.num_hidden_layers)()
+        for layer, decoder in zip(layers, model.model.layers):
+            attention, mlp, cache = decoder.self_attn, decoder.mlp, decoder.self_attn.cache
+            layer.input_norm = self._vector(decoder.input_layernorm.weight)
+            layer.post_norm = self._vector(decoder.post_attention_layernorm.weight)
+            layer.qkv = self._matrix(attention.qkv_weight)
+            layer.o = self._matrix(attention.o_proj.weight)
+            layer.gate_up = self._matrix(mlp.gate_up_weight)
+            layer.down = self._matrix(mlp.down_proj.weight)
+            layer.keys, layer.values = self._cache(cache.k), self._cache(cache.v)
+        self._layers = layers
+        rotary = model.rotary
+        positions = model.model.layers[0].self_attn.cache.k.shape[2]
+        self._model = _Model(
+            hidden=config.hidden_size, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+            dim=config.head_dim, intermediate=config.intermediate_size, vocab=config.vocab_size,
+            layers=config.num_hidden_layers, positions=positions, rotary_positions=rotary.cos.shape[0],
+            eps=config.rms_norm_eps, embed=self._rows(model.model.embed_tokens.weight),
+            final_norm=self._vector(model.model.norm.weight), lm_head=self._matrix(model.lm_head.weight),
+            cos=self._rows(rotary.cos), sin=self._rows(rotary.sin), layer=layers)
+        self._pointer = ctypes.pointer(self._model)
+        self.vocab = config.vocab_size
+        self.positions = min(positions, rotary.cos.shape[0])
+        self._scratch = torch.empty(scratch_size(self._pointer), dtype=torch.float32)
+        self.steps = 0  # steps served (tests, logs)
+
+    def serves(self, position: int) -> bool:
+        return 0 <= position < self.positions
+
+    def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Cache row 0's next step: ``token`` at ``position``. -> logits [1, V]"""
+        logits = torch.empty(1, self.vocab, dtype=torch.float32)
+        status = self._decode(self._pointer, token, position, logits.data_ptr(), self._scratch.data_ptr(),
+                              torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"native decode step: token {token} or position {position} out of range")
+        self.steps += 1
+        return logits
+
+    def _hold(self, tensor: torch.Tensor) -> int:
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(f"native decode step: a {tensor.dtype} tensor on {tensor.device}")
+        self._held.append(tensor)
+        return tensor.data_ptr()
+
+    def _vector(self, tensor: torch.Tensor) -> int:
+        if not tensor.is_contiguous():
+            raise ValueError("native decode step: a vector with gaps")
+        return self._hold(tensor.detach())
+
+    def _rows(self, tensor: torch.Tensor) -> int:
+        """A table read a whole row at a time: contiguous rows."""
+        if tensor.stride() != (tensor.shape[1], 1):
+            raise ValueError("native decode step: a table whose rows are not contiguous")
+        return self._hold(tensor.detach())
+
+    def _matrix(self, weight: torch.Tensor) -> _Matrix:
+        """A weight [out, in] as loaded (strides (in, 1)) or stored transposed (strides (1, out))."""
+        rows, cols = weight.shape
+        if weight.stride() not in ((cols, 1), (1, rows)):
+            raise ValueError(f"native decode step: a weight with strides {weight.stride()}")
+        return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0), weight.stride(1))
+
+    def _cache(self, cache: torch.Tensor) -> int:
+        """A layer's cache [rows, KV, positions, D]: row 0, contiguous within it."""
+        _, kv_heads, positions, dim = cache.shape
+        if cache.stride()[1:] != (positions * dim, dim, 1):
+            raise ValueError("native decode step: a KV cache with gaps")
+        return self._hold(cache)
+
+
+def bind(model: Llama) -> NativeStep | None:
+    """The native step for ``model`` where the kernels build and it takes the model; else None."""
+    if not takes(model):
+        return None
+    library = native_build.load()
+    return NativeStep(model, library) if library is not None else None
