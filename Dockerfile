@@ -14,6 +14,19 @@
 # Every setting is an environment variable (RIVULET_*, see README); nothing is baked in but the defaults.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# The native CPU kernels (models/native_kernels.c), built ahead of time for each x86-64 level: the image
+# has no C compiler to build them at start-up, and the server picks the best level the CPU runs. A stage
+# of its own, so the compiler stays out of the image.
+FROM ${PYTHON_IMAGE} AS kernels
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY models/__init__.py models/native_build.py models/native_kernels.c models/subprocesses.py models/
+RUN python -m models.native_build --prebuild /build/native_prebuilt
+
 FROM ${PYTHON_IMAGE}
 
 # Which torch build pip picks for requirements.txt's torch pin: CPU wheels by default (a plain PyPI torch
@@ -49,6 +62,7 @@ RUN PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" \
 COPY gunicorn.conf.py wsgi.py ./
 COPY service/ service/
 COPY models/ models/
+COPY --from=kernels /build/native_prebuilt/ models/native_prebuilt/
 
 # The package, when one was built in, is what the image serves (RIVULET_MODEL still overrides it).
 ENV RIVULET_MODEL=${MODEL_PACKAGE:-models/demo}

@@ -24,15 +24,13 @@ it lost the whole gain (7.4-8.0 ms against 5.6-5.7 ms baked, 7.2-7.5 ms eager).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import time
-from collections.abc import Iterator
 
 import torch
 
 from models.llama import Llama
+from models.subprocesses import real_subprocess
 
 log = logging.getLogger("rivulet.engine")
 
@@ -101,32 +99,3 @@ class CompiledDecode:
             return self.model.decode(tokens, positions, length, ragged)
         self.steps += 1
         return self._compiled(tokens, positions, length, ragged)
-
-
-# What starting a compiler and waiting for it touches, as gevent may have patched it: its versions wait
-# on the main thread's loop (child watchers exist only there), so on another thread they fail (subprocess)
-# or hang (os.waitpid). The smallest set that compiles under gunicorn (tests/integration/test_compile.py).
-_PROCESS_MODULES = ("subprocess", "os")
-
-
-@contextlib.contextmanager
-def real_subprocess() -> Iterator[None]:
-    """The standard library's own process functions for the duration, where gevent has patched them.
-
-    Inductor runs the C++ compiler with ``subprocess``, and the compile runs on the engine thread (where
-    the model lives), not on the thread of gevent's loop. Only for the warm-up at start-up, while the
-    web side answers no more than health checks (which start no process)."""
-    monkey = sys.modules.get("gevent.monkey")
-    saved = getattr(monkey, "saved", {}) if monkey is not None else {}
-    restored = []
-    for module_name in _PROCESS_MODULES:
-        module = sys.modules.get(module_name)
-        for name, original in saved.get(module_name, {}).items():
-            if module is not None and hasattr(module, name):
-                restored.append((module, name, getattr(module, name)))
-                setattr(module, name, original)
-    try:
-        yield
-    finally:
-        for module, name, patched in reversed(restored):
-            setattr(module, name, patched)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import cpu_weights
-from models.compiled_decode import real_subprocess
 from models.llama import Llama
+from models.subprocesses import real_subprocess
 
 log = logging.getLogger("rivulet.engine")
 

@@ -30,6 +30,12 @@ def first(instructions, cmd: str) -> dockerfile.Command:
     return found[0]
 
 
+def final_stage(instructions) -> list[dockerfile.Command]:
+    """The instructions of the image itself: those after the last FROM (earlier stages only build)."""
+    last_from = max(i for i, ins in enumerate(instructions) if ins.cmd == "FROM")
+    return instructions[last_from:]
+
+
 def copy_sources(instructions) -> list[tuple[str, str]]:
     """(source, destination) of every COPY from the build context, destinations relative to /app."""
     pairs = []
@@ -109,7 +115,7 @@ def test_runs_as_a_numeric_non_root_user(instructions):
 
 
 def test_dependencies_install_before_the_code_is_copied(instructions):
-    copies = [i for i in instructions if i.cmd == "COPY"]
+    copies = [i for i in final_stage(instructions) if i.cmd == "COPY"]
     assert copies[0].value[:-1] == ("requirements.txt",), "requirements.txt alone first: a cached layer"
     install = next(i for i in instructions if i.cmd == "RUN" and "-r requirements.txt" in i.value[0])
     assert copies[0].start_line < install.start_line < copies[1].start_line
@@ -118,9 +124,29 @@ def test_dependencies_install_before_the_code_is_copied(instructions):
 def test_base_image_is_slim_python(instructions):
     args = {a.value[0].split("=", 1)[0]: a.value[0].split("=", 1)[1]
             for a in instructions if a.cmd == "ARG" and "=" in a.value[0]}
-    base = first(instructions, "FROM").value[0]
-    base = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], base)
-    assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base), base
+    for stage in (i for i in instructions if i.cmd == "FROM"):
+        base = re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], stage.value[0])
+        assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", base), base
+
+
+def test_the_native_kernels_are_built_in_a_stage_of_their_own_and_copied_in(instructions):
+    """The image has no C compiler: models/native_build.py builds the kernels for every x86-64 level in an
+    earlier stage, whose compiler stays out of the image, and the image holds them where it looks."""
+    from models import native_build
+
+    stages = [i for i, ins in enumerate(instructions) if ins.cmd == "FROM"]
+    assert len(stages) == 2 and instructions[stages[0]].value[-1] == "kernels"
+    kernels = instructions[stages[0]:stages[1]]
+    build = next(i for i in kernels if i.cmd == "RUN" and "models.native_build --prebuild" in i.value[0])
+    copied = {src for i in kernels if i.cmd == "COPY" for src in i.value[:-1]}
+    # Everything the build imports or reads, and nothing that needs torch.
+    assert copied == {"models/__init__.py", "models/native_build.py", "models/native_kernels.c",
+                      "models/subprocesses.py"}
+    out_dir = build.value[0].split("--prebuild")[1].split()[0]
+    copy_in = next(i for i in final_stage(instructions) if i.cmd == "COPY" and "--from=kernels" in i.flags)
+    assert copy_in.value[0].rstrip("/") == out_dir
+    assert copy_in.value[1].rstrip("/") == str(native_build.PREBUILT.relative_to(ROOT))
+    assert not any("gcc" in i.value[0] for i in final_stage(instructions) if i.cmd == "RUN")
 
 
 def test_every_copied_source_exists_and_is_in_the_build_context(instructions, ignore_patterns):

@@ -100,22 +100,6 @@ def test_a_call_it_cannot_serve_raises_instead_of_reading_memory(kernel):
         kernel(torch.randn(2, 32, 1, 64), keys, values, torch.tensor([1, 2]))  # a group of 32 heads
 
 
-def test_the_library_is_built_once_per_source_and_cpu(tmp_path):
-    first = native_build.build(tmp_path)
-    built_at = first.stat().st_mtime_ns
-    assert native_build.build(tmp_path) == first
-    assert first.stat().st_mtime_ns == built_at
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left behind
-
-
-def test_a_failing_compiler_is_an_error_not_a_library(tmp_path, monkeypatch):
-    monkeypatch.setenv("CC", "false")
-    with pytest.raises(Exception) as raised:
-        native_build.build(tmp_path)
-    assert isinstance(raised.value, (OSError, RuntimeError, native_build.subprocess.SubprocessError))
-    assert list(tmp_path.iterdir()) == []
-
-
 def small_llama(kv_heads: int = 2) -> Llama:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
