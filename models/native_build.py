@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -70,11 +71,21 @@ def build(cache_dir: Path | None = None) -> Path:
     # -march=native: the library is for this CPU only, so the CPU is part of its name.
     key = hashlib.sha256(" ".join((source_key(), *FLAGS, platform.machine(), _cpu_flags_line())).encode())
     directory = cache_dir or Path(tempfile.gettempdir()) / f"rivulet-kernels-{os.getuid()}"
+    private_directory(directory)
     library = directory / f"native_kernels-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
-    directory.mkdir(parents=True, exist_ok=True)
     return compile_library(library, "-march=native")
+
+
+def private_directory(directory: Path) -> None:
+    """Create ``directory`` for this user alone, or check that it is: a library found in it is loaded and
+    run, so nobody else may be able to put one there (the temp directory is shared). Raises RuntimeError."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if (stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & 0o022):
+        raise RuntimeError(f"{directory} is not a directory only this user can write: nothing is loaded from it")
 
 
 def compile_library(library: Path, *arch_flags: str) -> Path:

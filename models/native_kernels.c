@@ -92,7 +92,8 @@ int ragged_decode_attention(
     int64_t value_row_stride, int64_t value_head_stride, int64_t value_stride,
     float scale, int threads)
 {
-    if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP || dim <= 0 || dim > MAX_DIM)
+    if (kv_heads <= 0 || heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP || dim <= 0
+            || dim > MAX_DIM)
         return -1;
     const int64_t group = heads / kv_heads;
     const int64_t tasks = batch * kv_heads;
@@ -234,8 +235,8 @@ int64_t decode_one_scratch(const Model* m) {
    (nothing is written). */
 int decode_one(const Model* m, int64_t token, int64_t position, float* logits, float* scratch, int threads) {
     if (token < 0 || token >= m->vocab || position < 0 || position >= m->positions
-            || position >= m->rotary_positions || m->heads % m->kv_heads != 0
-            || m->heads / m->kv_heads > MAX_GROUP || m->dim > MAX_DIM || m->dim % 2 != 0)
+            || position >= m->rotary_positions || m->kv_heads <= 0 || m->heads % m->kv_heads != 0
+            || m->heads / m->kv_heads > MAX_GROUP || m->dim <= 0 || m->dim > MAX_DIM || m->dim % 2 != 0)
         return -1;
     const int64_t hidden = m->hidden, dim = m->dim, heads = m->heads, kv_heads = m->kv_heads;
     const int64_t group = heads / kv_heads, qkv_rows = (heads + 2 * kv_heads) * dim;

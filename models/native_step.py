@@ -15,12 +15,15 @@ out and set up the cache; they are held here, so nothing this step reads can be 
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 
 from models import native_build
 from models.llama import Llama
 from models.ragged_attention import MAX_DIM, MAX_GROUP
+
+log = logging.getLogger("rivulet.engine")
 
 _i64, _f32, _float_p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -71,10 +74,12 @@ class NativeStep:
             attention, mlp, cache = decoder.self_attn, decoder.mlp, decoder.self_attn.cache
             layer.input_norm = self._vector(decoder.input_layernorm.weight)
             layer.post_norm = self._vector(decoder.post_attention_layernorm.weight)
-            layer.qkv = self._matrix(attention.qkv_weight)
-            layer.o = self._matrix(attention.o_proj.weight)
-            layer.gate_up = self._matrix(mlp.gate_up_weight)
-            layer.down = self._matrix(mlp.down_proj.weight)
+            heads_dim = config.num_attention_heads * config.head_dim
+            qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+            layer.qkv = self._matrix(attention.qkv_weight, (qkv_rows, config.hidden_size))
+            layer.o = self._matrix(attention.o_proj.weight, (config.hidden_size, heads_dim))
+            layer.gate_up = self._matrix(mlp.gate_up_weight, (2 * config.intermediate_size, config.hidden_size))
+            layer.down = self._matrix(mlp.down_proj.weight, (config.hidden_size, config.intermediate_size))
             layer.keys, layer.values = self._cache(cache.k), self._cache(cache.v)
         self._layers = layers
         rotary = model.rotary
@@ -84,7 +89,8 @@ class NativeStep:
             dim=config.head_dim, intermediate=config.intermediate_size, vocab=config.vocab_size,
             layers=config.num_hidden_layers, positions=positions, rotary_positions=rotary.cos.shape[0],
             eps=config.rms_norm_eps, embed=self._rows(model.model.embed_tokens.weight),
-            final_norm=self._vector(model.model.norm.weight), lm_head=self._matrix(model.lm_head.weight),
+            final_norm=self._vector(model.model.norm.weight),
+            lm_head=self._matrix(model.lm_head.weight, (config.vocab_size, config.hidden_size)),
             cos=self._rows(rotary.cos), sin=self._rows(rotary.sin), layer=layers)
         self._pointer = ctypes.pointer(self._model)
         self.vocab = config.vocab_size
@@ -122,9 +128,12 @@ class NativeStep:
             raise ValueError("native decode step: a table whose rows are not contiguous")
         return self._hold(tensor.detach())
 
-    def _matrix(self, weight: torch.Tensor) -> _Matrix:
-        """A weight [out, in] as loaded (strides (in, 1)) or stored transposed (strides (1, out))."""
+    def _matrix(self, weight: torch.Tensor, shape: tuple[int, int]) -> _Matrix:
+        """A weight [out, in] of ``shape`` (the C step sizes its buffers by the config), as loaded (strides
+        (in, 1)) or stored transposed (strides (1, out))."""
         rows, cols = weight.shape
+        if (rows, cols) != shape:
+            raise ValueError(f"native decode step: a weight of shape {(rows, cols)} where {shape} was expected")
         if weight.stride() not in ((cols, 1), (1, rows)):
             raise ValueError(f"native decode step: a weight with strides {weight.stride()}")
         return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0), weight.stride(1))
@@ -138,8 +147,14 @@ class NativeStep:
 
 
 def bind(model: Llama) -> NativeStep | None:
-    """The native step for ``model`` where the kernels build and it takes the model; else None."""
+    """The native step for ``model`` where the kernels load and it takes the model; else None (logged)."""
     if not takes(model):
         return None
     library = native_build.load()
-    return NativeStep(model, library) if library is not None else None
+    if library is None:
+        return None
+    try:
+        return NativeStep(model, library)
+    except ValueError as exc:  # a tensor laid out as the C step cannot read: torch serves the step
+        log.warning("the native one-row step does not take this model, torch runs it: %s", exc)
+        return None

@@ -1,4 +1,4 @@
-"""Decode attention over each row's own keys, on a CPU (RIVULET_NATIVE_ATTENTION).
+"""Decode attention over each row's own keys, on a CPU (RIVULET_NATIVE_KERNELS).
 
 A batched decode step attends each row's new query over that row's cached keys, and rows differ in
 length: streams start at different times. Through ``F.scaled_dot_product_attention`` every row attends over
@@ -8,9 +8,8 @@ also streams them at a fraction of the memory's speed for one query a row. At 64
 (``ragged_decode_attention`` in native_kernels.c) reads each row's own keys and values once, 2.5-3.3x
 faster there, and faster at every batch size tried (bench/README.md section 15).
 
-It is C, built at start-up (models/native_build.py). Without a compiler (the Docker image has none), or
-for a dtype or shape it does not take, decode steps attend through SDPA as before: never a reason not to
-serve. Inside a compiled step it is an opaque custom op (``rivulet::ragged_decode_attention``).
+It is C, built at start-up or ahead of time (models/native_build.py). Without a library, or for a dtype
+or shape it does not take, decode steps attend through SDPA as before: never a reason not to serve. Inside a compiled step it is an opaque custom op (``rivulet::ragged_decode_attention``).
 """
 from __future__ import annotations
 
@@ -48,13 +47,17 @@ class RaggedAttention:
         """query [B, H, 1, D]; keys, values: a whole layer's cache [rows, KV, positions, D]; lengths [B]
         (int64): row b attends over its first ``lengths[b]`` keys (clamped to the cache's positions).
         -> [B, H, 1, D]"""
-        batch, heads, _, dim = query.shape
+        batch, heads, queries, dim = query.shape
         query = query.contiguous()
         lengths = lengths.contiguous()
-        if (keys.stride(-1) != 1 or values.stride(-1) != 1 or keys.shape[0] < batch or lengths.dtype != torch.int64
-                or lengths.shape[0] != batch or keys.shape != values.shape or keys.dtype != query.dtype):
-            raise ValueError(f"ragged_decode_attention: unexpected tensors {tuple(query.shape)} "
-                             f"{tuple(keys.shape)}/{keys.stride()} {lengths.dtype}")
+        # The C side trusts these: a wrong dtype, device or shape would read or write out of bounds.
+        tensors = (query, keys, values)
+        if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+                or lengths.dtype != torch.int64 or lengths.device.type != "cpu" or lengths.shape != (batch,)
+                or queries != 1 or keys.dim() != 4 or keys.shape != values.shape or keys.shape[0] < batch
+                or keys.shape[3] != dim or keys.stride(-1) != 1 or values.stride(-1) != 1):
+            raise ValueError(f"ragged_decode_attention: unexpected tensors {tuple(query.shape)} {query.dtype} "
+                             f"{tuple(keys.shape)}/{keys.stride()} {keys.dtype} {lengths.dtype}")
         out = torch.empty_like(query)
         status = self._function(
             query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), lengths.data_ptr(),

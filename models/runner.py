@@ -82,7 +82,8 @@ class LlamaRunner:
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
             # compiled steps (``row_dots``) and the native one-row step read one row's products from the
             # loaded layout, eager ones from the transposed
-            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not native)
+            one_row_native = native and native_step.takes(model)
+            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not one_row_native)
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
         self.native_step: NativeStep | None = native_step.bind(model) if native else None
@@ -172,6 +173,7 @@ class LlamaRunner:
 
     def _move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` cached positions into row ``dst``."""
+        self.row_prompts.forget(dst)  # first: a copy that fails halfway leaves no record behind
         self.model.move_cache_row(src, dst, length)
         self.row_prompts.moved(src, dst, length)
 

@@ -85,3 +85,17 @@ def test_with_neither_nothing_is_loaded_and_the_log_says_why(tmp_path, monkeypat
     assert native_build.load_error.startswith("FileNotFoundError")
     assert "native CPU kernels unavailable" in caplog.text
     assert native_build.load() is None  # decided once per process
+
+
+def test_a_cache_directory_others_can_write_or_a_link_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library there
+    with pytest.raises(RuntimeError, match="only this user"):
+        native_build.build(shared)
+    (tmp_path / "link").symlink_to(native_build.build(tmp_path / "own").parent)
+    with pytest.raises(RuntimeError, match="only this user"):
+        native_build.build(tmp_path / "link")
+    assert (tmp_path / "new").exists() is False
+    native_build.build(tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700

@@ -29,6 +29,8 @@ CONFIGS = {
     "grouped": tiny_config(),  # 4 query heads over 2 key/value heads
     "tied, head_dim 32": tiny_config(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True),
     "one kv head, head_dim 8": tiny_config(num_attention_heads=8, num_key_value_heads=1),
+    "head_dim 64": tiny_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+    "head_dim 128": tiny_config(hidden_size=256, num_attention_heads=2, num_key_value_heads=2),
 }
 
 
@@ -39,7 +41,7 @@ def test_a_step_gives_the_logits_and_cache_writes_of_the_torch_step(name, transp
     model = prepared(CONFIGS[name], transposed)
     step = native_step.bind(model)
     caches = [layer.self_attn.cache for layer in model.model.layers]
-    for token, position in ((7, 9), (200, 10), (13, 11)):
+    for token, position in ((7, 9), (200, 10), (13, 11), (21, 100)):  # 100: attention past one block of 64
         before = [(c.k.clone(), c.v.clone()) for c in caches]
         native = step(token, position)
         written = [(c.k.clone(), c.v.clone()) for c in caches]

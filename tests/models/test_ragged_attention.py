@@ -98,6 +98,13 @@ def test_a_call_it_cannot_serve_raises_instead_of_reading_memory(kernel):
         kernel(torch.randn(2, 1, 1, 64), keys, values, torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(ValueError):
         kernel(torch.randn(2, 32, 1, 64), keys, values, torch.tensor([1, 2]))  # a group of 32 heads
+    half = (keys.to(torch.bfloat16), values.to(torch.bfloat16))
+    with pytest.raises(ValueError):  # the C side reads floats: half the bytes would be read as twice as many
+        kernel(torch.randn(2, 1, 1, 64, dtype=torch.bfloat16), *half, torch.tensor([1, 2]))
+    with pytest.raises(ValueError):
+        kernel(torch.randn(2, 1, 1, 128), keys, values, torch.tensor([1, 2]))  # wider queries than keys
+    with pytest.raises(ValueError):
+        kernel(torch.randn(2, 1, 3, 64), keys, values, torch.tensor([1, 2]))  # three queries a row
 
 
 def small_llama(kv_heads: int = 2) -> Llama:
@@ -165,6 +172,7 @@ def test_without_a_kernel_the_model_attends_through_sdpa(monkeypatch):
     monkeypatch.setattr(native_build, "load_error", None)
     monkeypatch.setattr(native_build, "build", lambda cache_dir=None: (_ for _ in ()).throw(
         RuntimeError("no C compiler (cc, gcc or $CC)")))
+    monkeypatch.setattr(native_build, "prebuilt_for_this_cpu", lambda directory: None)  # nor a prebuilt one
     model = small_llama()
     model.setup_cache(3, 64)
     assert not model.use_native_attention()

@@ -126,13 +126,15 @@ def test_a_prompt_follows_its_row_when_the_last_row_moves_into_a_hole():
     for result in served.prefill([a, b]):
         result.seq.output_ids.append(result.token)
     served.decode()
-    served.release(a)  # b (row 1, holding PROMPT) moves into row 0
+    served.release(a)  # b (row 1, holding PROMPT) moves into row 0, over OTHER
     assert b.row == 0
     computed = served.computed
-    late = sequence(PROMPT, "late")
-    outputs = run(served, [late])
-    assert served.computed == computed
-    assert outputs == [reference(PROMPT)]
+    # Row 0 no longer holds OTHER: it is computed (into row 1, over the copy of PROMPT left there).
+    assert run(served, [sequence(OTHER, "other again")]) == [reference(OTHER)]
+    assert served.computed == computed + len(OTHER)
+    # Now only row 0 (b, moved) holds PROMPT: a new request for it is copied from there.
+    assert run(served, [sequence(PROMPT, "late")]) == [reference(PROMPT)]
+    assert served.computed == computed + len(OTHER)
     served.release(b)
 
 
