@@ -57,7 +57,8 @@ class Settings(BaseModel):
     packed_weights: bool = True
     # On a CPU in fp32, C kernels built at start-up by the machine's C compiler (models/native_build.py):
     # a one-row decode step in one call (models/native_step.py) and batched steps' attention over each
-    # row's own keys (models/ragged_attention.py). Without a compiler, or off here, torch runs them.
+    # row's own keys (models/ragged_attention.py). Without a compiler a library built ahead of time is
+    # loaded (the Docker image's); without either, or off here, torch runs them.
     native_kernels: bool = True
     # On CUDA, replay each plain decode step from a CUDA graph (models/cuda_graphs.py): one launch a step
     # instead of one per kernel, of which a small model's eager step has hundreds. One graph per batch-size
