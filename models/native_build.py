@@ -44,16 +44,14 @@ def load(cache_dir: Path | None = None, prebuilt: Path | None = None) -> ctypes.
     if _library is not None or load_error is not None:
         return _library
     try:
-        path = build(cache_dir)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        path = prebuilt_for_this_cpu(prebuilt or PREBUILT)
-        if path is None:
-            load_error = f"{type(exc).__name__}: {exc}"
-            log.warning("native CPU kernels unavailable (decode steps run through torch): %s", load_error)
-            return None
-    try:
+        try:
+            path = build(cache_dir)
+        except (OSError, subprocess.SubprocessError, RuntimeError):
+            path = prebuilt_for_this_cpu(prebuilt or PREBUILT)
+            if path is None:
+                raise
         _library = ctypes.CDLL(str(path))
-    except OSError as exc:
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         load_error = f"{type(exc).__name__}: {exc}"
         log.warning("native CPU kernels unavailable (decode steps run through torch): %s", load_error)
         return None

@@ -119,10 +119,10 @@ int ragged_decode_attention(
 
 /* ---- a one-row decode step ---------------------------------------------------------------------------- */
 
-/* A weight [rows, cols] with element strides: as loaded (cols, 1) or stored transposed (1, rows). */
+/* A weight [rows, cols] as loaded: each row's cols floats contiguous, rows row_stride floats apart. */
 typedef struct {
     const float* data;
-    int64_t rows, cols, row_stride, col_stride;
+    int64_t rows, cols, row_stride;
 } Matrix;
 
 typedef struct {
@@ -152,55 +152,36 @@ typedef struct {
 /* y = W x, inside a parallel region: the output rows are shared out among the threads. */
 static void matvec(const Matrix* w, const float* restrict x, float* restrict y) {
     const int64_t rows = w->rows, cols = w->cols;
-    if (w->col_stride == 1) {
-        /* As loaded: a dot product per row, four rows at a time (x is read once for four). */
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r += 4) {
-            const float* w0 = w->data + r * w->row_stride;
-            if (r + 4 <= rows) {
-                const float *w1 = w0 + w->row_stride, *w2 = w1 + w->row_stride, *w3 = w2 + w->row_stride;
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-                for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-                    __builtin_prefetch(w0 + c0 + PREFETCH_WEIGHTS);
-                    __builtin_prefetch(w1 + c0 + PREFETCH_WEIGHTS);
-                    __builtin_prefetch(w2 + c0 + PREFETCH_WEIGHTS);
-                    __builtin_prefetch(w3 + c0 + PREFETCH_WEIGHTS);
-                    const int64_t end = cols - c0 < 16 ? cols : c0 + 16;
-                    #pragma omp simd reduction(+:a0, a1, a2, a3)
-                    for (int64_t c = c0; c < end; c++) {
-                        a0 += w0[c] * x[c];
-                        a1 += w1[c] * x[c];
-                        a2 += w2[c] * x[c];
-                        a3 += w3[c] * x[c];
-                    }
-                }
-                y[r] = a0; y[r + 1] = a1; y[r + 2] = a2; y[r + 3] = a3;
-            } else {
-                for (int64_t k = r; k < rows; k++) {
-                    const float* wk = w->data + k * w->row_stride;
-                    float a = 0.0f;
-                    #pragma omp simd reduction(+:a)
-                    for (int64_t c = 0; c < cols; c++) a += wk[c] * x[c];
-                    y[k] = a;
+    /* A dot product per row, four rows at a time (x is read once for four). */
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r += 4) {
+        const float* w0 = w->data + r * w->row_stride;
+        if (r + 4 <= rows) {
+            const float *w1 = w0 + w->row_stride, *w2 = w1 + w->row_stride, *w3 = w2 + w->row_stride;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+            for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+                __builtin_prefetch(w0 + c0 + PREFETCH_WEIGHTS);
+                __builtin_prefetch(w1 + c0 + PREFETCH_WEIGHTS);
+                __builtin_prefetch(w2 + c0 + PREFETCH_WEIGHTS);
+                __builtin_prefetch(w3 + c0 + PREFETCH_WEIGHTS);
+                const int64_t end = cols - c0 < 16 ? cols : c0 + 16;
+                #pragma omp simd reduction(+:a0, a1, a2, a3)
+                for (int64_t c = c0; c < end; c++) {
+                    a0 += w0[c] * x[c];
+                    a1 += w1[c] * x[c];
+                    a2 += w2[c] * x[c];
+                    a3 += w3[c] * x[c];
                 }
             }
-        }
-    } else {
-        /* Stored transposed (memory [cols, rows]): each thread sums x[c] times its slice of every memory
-           row, so it streams contiguous runs of its own output rows. */
-        #pragma omp for schedule(static)
-        for (int64_t r0 = 0; r0 < rows; r0 += 256) {
-            const int64_t r1 = r0 + 256 < rows ? r0 + 256 : rows;
-            float acc[256];
-            for (int64_t r = 0; r < r1 - r0; r++) acc[r] = 0.0f;
-            for (int64_t c = 0; c < cols; c++) {
-                const float* wc = w->data + c * w->col_stride + r0;
-                __builtin_prefetch(wc + 4 * w->col_stride);
-                const float xc = x[c];
-                #pragma omp simd
-                for (int64_t r = 0; r < r1 - r0; r++) acc[r] += xc * wc[r];
+            y[r] = a0; y[r + 1] = a1; y[r + 2] = a2; y[r + 3] = a3;
+        } else {
+            for (int64_t k = r; k < rows; k++) {
+                const float* wk = w->data + k * w->row_stride;
+                float a = 0.0f;
+                #pragma omp simd reduction(+:a)
+                for (int64_t c = 0; c < cols; c++) a += wk[c] * x[c];
+                y[k] = a;
             }
-            for (int64_t r = 0; r < r1 - r0; r++) y[r0 + r] = acc[r];
         }
     }
 }

@@ -7,8 +7,8 @@ one call that streams each weight once, four rows at a time with software prefet
 threads, the GIL released. No compile step and no inductor: a C compiler is all it needs (built with the
 other kernels, models/native_build.py), so it serves with ``RIVULET_COMPILE`` off as well as on.
 
-It reads the model's own tensors where they are (weights in either layout models/cpu_weights.py gives
-them, the KV cache's row 0, the rotary tables): nothing is copied, and an in-place change to a weight is
+It reads the model's own tensors where they are (the weights in their loaded layout, which the runner
+keeps where this step serves, the KV cache's row 0, the rotary tables): nothing is copied, and an in-place change to a weight is
 seen by the next step. The tensors are bound once (``NativeStep(model)``), after the runner has laid them
 out and set up the cache; they are held here, so nothing this step reads can be freed under it.
 """
@@ -29,7 +29,7 @@ _i64, _f32, _float_p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Matrix(ctypes.Structure):
-    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64), ("col_stride", _i64)]
+    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64)]
 
 
 class _Layer(ctypes.Structure):
@@ -129,14 +129,14 @@ class NativeStep:
         return self._hold(tensor.detach())
 
     def _matrix(self, weight: torch.Tensor, shape: tuple[int, int]) -> _Matrix:
-        """A weight [out, in] of ``shape`` (the C step sizes its buffers by the config), as loaded (strides
-        (in, 1)) or stored transposed (strides (1, out))."""
+        """A weight [out, in] of ``shape`` (the C step sizes its buffers by the config) in its loaded layout,
+        each row contiguous: what the runner lays out where this step serves (models/cpu_weights.py)."""
         rows, cols = weight.shape
         if (rows, cols) != shape:
             raise ValueError(f"native decode step: a weight of shape {(rows, cols)} where {shape} was expected")
-        if weight.stride() not in ((cols, 1), (1, rows)):
-            raise ValueError(f"native decode step: a weight with strides {weight.stride()}")
-        return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0), weight.stride(1))
+        if weight.stride(1) != 1:
+            raise ValueError(f"native decode step: a weight whose rows are not contiguous (strides {weight.stride()})")
+        return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
 
     def _cache(self, cache: torch.Tensor) -> int:
         """A layer's cache [rows, KV, positions, D]: row 0, contiguous within it."""

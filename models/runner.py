@@ -20,7 +20,6 @@ from models.api import TokenLogprob
 from models.attention_plan import AttentionPlan, plan_decode_attention
 from models.compiled_decode import CompiledDecode
 from models.exported_decode import ExportedDecode
-from models.native_step import NativeStep
 from models.cuda_graphs import SPARE_POSITIONS, GraphedDecode, graphs_apply
 from models.prefix_cache import best_source
 from models.row_prompts import RowPrompts
@@ -86,7 +85,7 @@ class LlamaRunner:
             model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not one_row_native)
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
-        self.native_step: NativeStep | None = native_step.bind(model) if native else None
+        self.native_step: native_step.NativeStep | None = native_step.bind(model) if native else None
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None
@@ -189,6 +188,11 @@ class LlamaRunner:
             self._move_row(source, seq.row, len(prompt))
         self.cached[seq.row] = len(prompt)
         self.prefix_tokens_reused += len(prompt)
+        return self._first_token(seq, logits)
+
+    @staticmethod
+    def _first_token(seq: Sequence, logits: torch.Tensor) -> StepResult:
+        """``seq``'s first token, sampled from its prompt's last logits [V] with its own parameters."""
         logits = logits.unsqueeze(0)  # [1, V]
         return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
 
@@ -210,8 +214,7 @@ class LlamaRunner:
         self.rows.append(seq)
         self.cached.append(len(prompt))
         self.chunking = None
-        logits = logits.unsqueeze(0)  # [1, V]
-        return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
+        return self._first_token(seq, logits)
 
     def prefill(self, seqs: list[Sequence]) -> list[StepResult]:
         """Give each of ``seqs`` a free row, run their prompts, -> each one's first sampled token.
@@ -270,10 +273,10 @@ class LlamaRunner:
     def _prefill_rest(self, seq: Sequence, start: int) -> StepResult:
         """Prefill ``seq``'s prompt from ``start`` on, its row holding the positions before. -> its first token."""
         prompt = seq.request.prompt_ids
-        logits = self.model.prefill_chunk(self._ids(prompt[start:]), seq.row, start).unsqueeze(0)  # [1, V]
-        self.row_prompts.hold(seq.row, prompt, logits[0])
+        logits = self.model.prefill_chunk(self._ids(prompt[start:]), seq.row, start)  # [V]
+        self.row_prompts.hold(seq.row, prompt, logits)
         self.cached[seq.row] = len(prompt)
-        return step_results([seq], logits, sample(logits, [seq.params], [seq.generator], histories([seq])))[0]
+        return self._first_token(seq, logits)
 
     @staticmethod
     def _prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
