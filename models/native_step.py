@@ -41,7 +41,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("dim", _i64), ("intermediate", _i64),
                 ("vocab", _i64), ("layers", _i64), ("positions", _i64), ("rotary_positions", _i64),
                 ("eps", _f32), ("embed", _float_p), ("final_norm", _float_p), ("lm_head", _Matrix),
-                ("cos", _float_p), ("sin", _float_p), ("layer", ctypes.POINTER(_Layer))]
+                ("cos", _float_p), ("sin", _float_p), ("layer", ctypes.POINTER(_Layer)), ("cache_rows", _i64)]
 
 
 def takes(model: Llama) -> bool:
@@ -64,9 +64,16 @@ class NativeStep:
         self._decode = library.decode_one
         self._decode.restype = ctypes.c_int
         self._decode.argtypes = [ctypes.POINTER(_Model), _i64, _i64, _float_p, _float_p, ctypes.c_int]
+        self._decode_rows = library.decode_rows
+        self._decode_rows.restype = ctypes.c_int
+        self._decode_rows.argtypes = [ctypes.POINTER(_Model), _float_p, _float_p, _i64, _float_p, _float_p,
+                                      ctypes.c_int]
         scratch_size = library.decode_one_scratch
         scratch_size.restype = _i64
         scratch_size.argtypes = [ctypes.POINTER(_Model)]
+        rows_scratch_size = library.decode_rows_scratch
+        rows_scratch_size.restype = _i64
+        rows_scratch_size.argtypes = [ctypes.POINTER(_Model), _i64]
         config = model.config
         self._held: list[torch.Tensor] = []  # every tensor the C step reads: kept alive as long as it is
         layers = (_Layer * config.num_hidden_layers)()
@@ -83,7 +90,7 @@ class NativeStep:
             layer.keys, layer.values = self._cache(cache.k), self._cache(cache.v)
         self._layers = layers
         rotary = model.rotary
-        positions = model.model.layers[0].self_attn.cache.k.shape[2]
+        cache_rows, _, positions, _ = model.model.layers[0].self_attn.cache.k.shape
         self._model = _Model(
             hidden=config.hidden_size, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
             dim=config.head_dim, intermediate=config.intermediate_size, vocab=config.vocab_size,
@@ -91,15 +98,15 @@ class NativeStep:
             eps=config.rms_norm_eps, embed=self._rows(model.model.embed_tokens.weight),
             final_norm=self._vector(model.model.norm.weight),
             lm_head=self._matrix(model.lm_head.weight, (config.vocab_size, config.hidden_size)),
-            cos=self._rows(rotary.cos), sin=self._rows(rotary.sin), layer=layers)
+            cos=self._rows(rotary.cos), sin=self._rows(rotary.sin), layer=layers, cache_rows=cache_rows)
         self._pointer = ctypes.pointer(self._model)
         self.vocab = config.vocab_size
         self.positions = min(positions, rotary.cos.shape[0])
         self._scratch = torch.empty(scratch_size(self._pointer), dtype=torch.float32)
-        self.steps = 0  # steps served (tests, logs)
-
-    def serves(self, position: int) -> bool:
-        return 0 <= position < self.positions
+        self.max_rows = cache_rows
+        self._rows_scratch = torch.empty(rows_scratch_size(self._pointer, cache_rows), dtype=torch.float32)
+        self.steps = 0  # one-row steps served (tests, logs)
+        self.batched_steps = 0
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Cache row 0's next step: ``token`` at ``position``. -> logits [1, V]"""
@@ -109,6 +116,24 @@ class NativeStep:
         if status != 0:
             raise ValueError(f"native decode step: token {token} or position {position} out of range")
         self.steps += 1
+        return logits
+
+    def serves_rows(self, positions: list[int]) -> bool:
+        return 0 < len(positions) <= self.max_rows and all(0 <= p < self.positions for p in positions)
+
+    def rows(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Cache rows 0..B-1's next step: row r's ``tokens[r]`` at ``positions[r]``. -> logits [B, V]"""
+        batch = len(tokens)
+        if len(positions) != batch:
+            raise ValueError(f"native decode step: {batch} tokens for {len(positions)} positions")
+        token_ids = torch.tensor(tokens, dtype=torch.long)
+        position_ids = torch.tensor(positions, dtype=torch.long)
+        logits = torch.empty(batch, self.vocab, dtype=torch.float32)
+        status = self._decode_rows(self._pointer, token_ids.data_ptr(), position_ids.data_ptr(), batch,
+                                   logits.data_ptr(), self._rows_scratch.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"native decode step: {batch} rows, a token or position out of range")
+        self.batched_steps += 1
         return logits
 
     def _hold(self, tensor: torch.Tensor) -> int:
@@ -139,9 +164,8 @@ class NativeStep:
         return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
 
     def _cache(self, cache: torch.Tensor) -> int:
-        """A layer's cache [rows, KV, positions, D]: row 0, contiguous within it."""
-        _, kv_heads, positions, dim = cache.shape
-        if cache.stride()[1:] != (positions * dim, dim, 1):
+        """A layer's cache [rows, KV, positions, D], contiguous."""
+        if not cache.is_contiguous():
             raise ValueError("native decode step: a KV cache with gaps")
         return self._hold(cache)
 

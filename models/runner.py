@@ -347,9 +347,10 @@ class LlamaRunner:
             logits = self.graphed.step([s.last_token for s in self.rows], positions_list)
             if logits is not None:  # None: the graphs failed once (logged), this step and later ones run eager
                 return logits, None
-        if not chunk and len(self.rows) == 1 and self.native_step is not None and self.native_step.serves(
-                positions_list[0]):
-            return self.native_step(self.rows[0].last_token, positions_list[0]), None
+        if not chunk and self.native_step is not None and self.native_step.serves_rows(positions_list):
+            if len(self.rows) == 1:  # a matrix-vector pass, streaming the weights once
+                return self.native_step(self.rows[0].last_token, positions_list[0]), None
+            return self.native_step.rows([s.last_token for s in self.rows], positions_list), None
         tokens = self._ids([s.last_token for s in self.rows])
         positions = self._ids(positions_list)
         lengths = [n + 1 for n in positions_list]

@@ -22,7 +22,8 @@ def torch_compile_only(monkeypatch):
 
 
 def greedy_run(model, compile_decode: bool) -> tuple[list[list[int]], LlamaRunner]:
-    return greedy_run_with(model, compile_decode=compile_decode)
+    # Without the native kernels, whose step would serve every row count before the compiled one.
+    return greedy_run_with(model, compile_decode=compile_decode, native_kernels=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_the_compiled_step_reads_the_weights_of_the_moment(model):
     """The compiled step skips guards on the model's modules: a weight replaced after compiling must still
     be the one it multiplies by (the step would otherwise serve stale weights without a word)."""
     compiled_model = random_model(tiny_config(max_position_embeddings=64), seed=8)
-    runner = LlamaRunner(compiled_model, max_batch=2, compile_decode=True)
+    runner = LlamaRunner(compiled_model, max_batch=2, compile_decode=True, native_kernels=False)
     assert runner.compiled.error is None
     tokens, positions = torch.tensor([3]), torch.tensor([2])
     head = compiled_model.lm_head

@@ -183,17 +183,17 @@ def test_nan_logits_in_one_row_fail_only_that_request(tiny_checkpoint):
         reference = request([1, 70, 71], max_tokens=8, ignore_eos=True)
         generate_req(engine, reference)
         victim = request([1, 5, 6], max_tokens=8, ignore_eos=True)
-        model = backend.runner.model
-        original = model.decode
+        runner = backend.runner
+        original = runner._forward  # every decode step's pass, whichever kernels serve it
 
-        def decode_poisoning_the_victim(tokens, positions, *args, **kwargs):
-            logits = original(tokens, positions, *args, **kwargs)
-            for row, seq in enumerate(backend.runner.rows):
+        def forward_poisoning_the_victim(*args, **kwargs):
+            logits, chunk_logits = original(*args, **kwargs)
+            for row, seq in enumerate(runner.rows):
                 if seq.request is victim and len(seq.output_ids) == 3:
                     logits[row] = float("nan")
-            return logits
+            return logits, chunk_logits
 
-        model.decode = decode_poisoning_the_victim
+        runner._forward = forward_poisoning_the_victim
         others = [request([1, 70, 71], max_tokens=8, ignore_eos=True) for _ in range(2)]
         sinks = [RecordingSink() for _ in range(3)]
         for req, sink in zip([others[0], victim, others[1]], sinks):
@@ -216,7 +216,7 @@ def test_an_engine_wide_failure_fails_everything_and_marks_the_engine_dead(tiny_
         def device_lost(*args, **kwargs):
             raise RuntimeError("CUDA error: device lost")
 
-        backend.runner.model.decode = device_lost
+        backend.runner._forward = device_lost
         sinks[0].gate.set()
         for sink in sinks:
             finished = sink.wait()

@@ -78,7 +78,8 @@ def test_a_token_or_position_out_of_range_raises_and_writes_nothing():
         with pytest.raises(ValueError):
             step(token, position)
     assert all(torch.equal(c.k, k) for c, k in zip(caches, before))
-    assert step.serves(15) and not step.serves(16)
+    assert step.serves_rows([15, 0]) and not step.serves_rows([16]) and not step.serves_rows([0] * 4)
+    assert not step.serves_rows([])
 
 
 def test_weights_stored_transposed_are_not_bound_and_torch_serves(caplog):
