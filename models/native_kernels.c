@@ -25,9 +25,131 @@ static inline __attribute__((always_inline)) void prefetch_vector(const float* v
     for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(vector + d);  /* 16 floats: a 64-byte line */
 }
 
-/* One (row, key/value head): its `group` query heads over its `length` keys. `dim` is a constant in the
-   specialised callers below, so the inner loops unroll. */
-static inline __attribute__((always_inline)) void attend(
+/* Eight floats as one value, in GCC's (and clang's) vector extension rather than intrinsics, so every x86-64
+   level (and ARM) builds the kernels; -march=native makes them AVX2 or AVX-512 and fuses multiply-adds. */
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t int8x32 __attribute__((vector_size(32)));
+typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+
+static inline __attribute__((always_inline)) vec8 load8(const float* p) { return *(const vec8_unaligned*)p; }
+static inline __attribute__((always_inline)) void store8(float* p, vec8 v) { *(vec8_unaligned*)p = v; }
+/* One float in every lane (written out: `zero + s` would cost an add, as -0.0 + 0.0 is not -0.0). */
+static inline __attribute__((always_inline)) vec8 splat(float s) { return (vec8){s, s, s, s, s, s, s, s}; }
+
+#if defined(__clang__)
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (int8x32){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+/* The eight lanes' sums of s[0..7], in one vector: lane t holds the sum of s[t]'s lanes. */
+static inline __attribute__((always_inline)) vec8 sum_each(const vec8 s[8]) {
+    const vec8 a0 = SHUFFLE8(s[0], s[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE8(s[0], s[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    const vec8 a1 = SHUFFLE8(s[2], s[3], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE8(s[2], s[3], 1, 9, 3, 11, 5, 13, 7, 15);
+    const vec8 a2 = SHUFFLE8(s[4], s[5], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE8(s[4], s[5], 1, 9, 3, 11, 5, 13, 7, 15);
+    const vec8 a3 = SHUFFLE8(s[6], s[7], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE8(s[6], s[7], 1, 9, 3, 11, 5, 13, 7, 15);
+    /* a0: s0 and s1's lanes summed in pairs, interleaved; likewise a1..a3 */
+    const vec8 b0 = SHUFFLE8(a0, a1, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE8(a0, a1, 2, 3, 10, 11, 6, 7, 14, 15);
+    const vec8 b1 = SHUFFLE8(a2, a3, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE8(a2, a3, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* b0: s0..s3 summed over each half; b1: s4..s7 */
+    return SHUFFLE8(b0, b1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(b0, b1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* exp of each lane, for softmax weights (x <= 0): Cephes' expf (a degree-6 polynomial after taking out
+   a power of two), within 2 ulp of expf; below -87.3 (where expf's result is denormal) it gives
+   exp(-87.3), about 1e-38, which no softmax sum tells from 0. */
+static inline __attribute__((always_inline)) vec8 exp8(vec8 x) {
+    const vec8 low = splat(-87.3f), high = splat(88.3f);
+    x = (vec8)(((int8x32)(x < low) & (int8x32)low) | (~(int8x32)(x < low) & (int8x32)x));
+    x = (vec8)(((int8x32)(x > high) & (int8x32)high) | (~(int8x32)(x > high) & (int8x32)x));
+    const vec8 round = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
+    const vec8 n = (x * splat(1.44269504088896341f) + round) - round;
+    const vec8 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vec8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.0f);
+    const int8x32 power = (__builtin_convertvector(n, int8x32) + 127) << 23;  /* 2^n as a float's bits */
+    return p * (vec8)power;
+}
+
+/* attend() for a head dimension that is a multiple of 64 (64 and 128, as Llama-family models have): the
+   scores eight keys at a time (eight independent sums, not one chain of dependent adds a key), the
+   softmax weights eight at a time, and the values summed 64 dimensions at a time in registers. */
+static inline __attribute__((always_inline)) void attend_by_vectors(
+    const float* query, const float* keys, const float* values, float* out, int64_t length, int64_t group,
+    const int64_t dim, int64_t key_stride, int64_t value_stride, float scale)
+{
+    float acc[MAX_GROUP][MAX_DIM] __attribute__((aligned(32)));
+    float running_max[MAX_GROUP], running_sum[MAX_GROUP];
+    float weights[MAX_GROUP][KEY_BLOCK] __attribute__((aligned(32)));
+    for (int64_t i = 0; i < group; i++) {
+        running_max[i] = -INFINITY;
+        running_sum[i] = 0.0f;
+        for (int64_t d = 0; d < dim; d++) acc[i][d] = 0.0f;
+    }
+    for (int64_t first = 0; first < length; first += KEY_BLOCK) {
+        const int64_t n = length - first < KEY_BLOCK ? length - first : KEY_BLOCK;
+        const float* block_keys = keys + first * key_stride;
+        const float* block_values = values + first * value_stride;
+        for (int64_t i = 0; i < group; i++) {
+            const float* q = query + i * dim;
+            int64_t j = 0;
+            for (; j + 8 <= n; j += 8) {
+                vec8 s[8];
+                for (int t = 0; t < 8; t++) s[t] = splat(0.0f);
+                for (int64_t c = 0; c < dim; c += 8) {
+                    const vec8 qc = load8(q + c);
+                    for (int t = 0; t < 8; t++) s[t] += qc * load8(block_keys + (j + t) * key_stride + c);
+                }
+                store8(&weights[i][j], sum_each(s) * splat(scale));
+            }
+            for (; j < n; j++) {
+                vec8 s = splat(0.0f);
+                for (int64_t c = 0; c < dim; c += 8) s += load8(q + c) * load8(block_keys + j * key_stride + c);
+                float dot = 0.0f;
+                for (int t = 0; t < 8; t++) dot += s[t];
+                weights[i][j] = dot * scale;
+            }
+            /* Online softmax: a block whose maximum exceeds the running one rescales what came before. */
+            float block_max = running_max[i];
+            for (j = 0; j < n; j++) block_max = weights[i][j] > block_max ? weights[i][j] : block_max;
+            const float rescale = expf(running_max[i] - block_max);
+            running_max[i] = block_max;
+            float sum = running_sum[i] * rescale;
+            for (j = 0; j + 8 <= n; j += 8) {
+                const vec8 w = exp8(load8(&weights[i][j]) - splat(block_max));
+                store8(&weights[i][j], w);
+                for (int t = 0; t < 8; t++) sum += w[t];
+            }
+            for (; j < n; j++) {
+                weights[i][j] = expf(weights[i][j] - block_max);
+                sum += weights[i][j];
+            }
+            running_sum[i] = sum;
+            for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+                vec8 a[8];
+                for (int t = 0; t < 8; t++) a[t] = load8(&acc[i][c0 + 8 * t]) * splat(rescale);
+                for (j = 0; j < n; j++) {
+                    const float* value = block_values + j * value_stride + c0;
+                    const vec8 w = splat(weights[i][j]);
+                    for (int t = 0; t < 8; t++) a[t] += w * load8(value + 8 * t);
+                }
+                for (int t = 0; t < 8; t++) store8(&acc[i][c0 + 8 * t], a[t]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < group; i++) {
+        const float inverse = running_sum[i] > 0.0f ? 1.0f / running_sum[i] : 0.0f;
+        for (int64_t d = 0; d < dim; d++) out[i * dim + d] = acc[i][d] * inverse;
+    }
+}
+
+/* attend() for any other head dimension. */
+static inline __attribute__((always_inline)) void attend_by_scalars(
     const float* query, const float* keys, const float* values, float* out, int64_t length, int64_t group,
     const int64_t dim, int64_t key_stride, int64_t value_stride, float scale)
 {
@@ -79,6 +201,18 @@ static inline __attribute__((always_inline)) void attend(
         const float inverse = running_sum[i] > 0.0f ? 1.0f / running_sum[i] : 0.0f;
         for (int64_t d = 0; d < dim; d++) out[i * dim + d] = acc[i][d] * inverse;
     }
+}
+
+/* One (row, key/value head): its `group` query heads over its `length` keys. `dim` is a constant in the
+   specialised callers below, so the inner loops unroll. */
+static inline __attribute__((always_inline)) void attend(
+    const float* query, const float* keys, const float* values, float* out, int64_t length, int64_t group,
+    const int64_t dim, int64_t key_stride, int64_t value_stride, float scale)
+{
+    if (dim % 64 == 0)
+        attend_by_vectors(query, keys, values, out, length, group, dim, key_stride, value_stride, scale);
+    else
+        attend_by_scalars(query, keys, values, out, length, group, dim, key_stride, value_stride, scale);
 }
 
 /* ---- a batched step's attention, each row over its own keys ---------------------------------------- */
@@ -306,13 +440,6 @@ int decode_one(const Model* m, int64_t token, int64_t position, float* logits, f
 #define PANEL 16          /* input rows per packed panel: two vectors of 8 */
 #define TILE_ROWS 6       /* weight rows per tile: 12 accumulators + 2 inputs + 1 weight = 15 registers */
 
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-
-static inline __attribute__((always_inline)) vec8 load8(const float* p) { return *(const vec8_unaligned*)p; }
-static inline __attribute__((always_inline)) void store8(float* p, vec8 v) { *(vec8_unaligned*)p = v; }
-/* One float in every lane (written out: `zero + s` would cost an add, as -0.0 + 0.0 is not -0.0). */
-static inline __attribute__((always_inline)) vec8 splat(float s) { return (vec8){s, s, s, s, s, s, s, s}; }
 
 /* A panel's width: PANEL rows, or 8 for a last panel of at most 8 (so a small batch does half the work). */
 static inline int64_t panel_width(int64_t panel, int64_t rows) {
