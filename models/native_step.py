@@ -1,4 +1,4 @@
-"""A one-row decode step in C (``decode_one`` in models/native_kernels.c), on a CPU in fp32.
+"""The decode step in C (``decode_one`` and ``decode_rows`` in models/native_kernels.c), on a CPU in fp32.
 
 One stream is how most people first try a server, and there a decode step is one pass over every weight
 for one row: bound by how fast the weights stream from memory. Through torch that pass is ~200 operators
@@ -7,10 +7,17 @@ one call that streams each weight once, four rows at a time with software prefet
 threads, the GIL released. No compile step and no inductor: a C compiler is all it needs (built with the
 other kernels, models/native_build.py), so it serves with ``RIVULET_COMPILE`` off as well as on.
 
+With more rows a step is arithmetic-bound, and torch's kernels reach about half of what the FMA units
+do on these shapes, with ~200 small operators around them. ``rows`` runs the whole batched step in one
+call too: the rows packed in panels of 16 and multiplied by each weight as it is loaded (each weight read
+once a step), norms, rotary, the cache writes and each row's attention over its own keys in between
+(bench/README.md section 16).
+
 It reads the model's own tensors where they are (the weights in their loaded layout, which the runner
-keeps where this step serves, the KV cache's row 0, the rotary tables): nothing is copied, and an in-place change to a weight is
-seen by the next step. The tensors are bound once (``NativeStep(model)``), after the runner has laid them
-out and set up the cache; they are held here, so nothing this step reads can be freed under it.
+keeps where this step serves, the KV cache, the rotary tables): nothing is copied, and an in-place change
+to a weight is seen by the next step. The tensors are bound once (``NativeStep(model)``), after the runner
+has laid them out and set up the cache; they are held here, so nothing this step reads can be freed under
+it.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ position without appending a token, so only the runner knows how much of a row i
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from models.llama import Llama
 from models.prompt_checks import prompt_error
 from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
+
+log = logging.getLogger("rivulet.engine")
 
 
 # Padded prompt tokens per prefill pass: big enough that a burst of short prompts shares one pass,
@@ -94,8 +97,13 @@ class LlamaRunner:
                                                   busy=torch.get_num_threads())
         # RIVULET_COMPILE: plain decode steps through torch.compile, compiled here, before the first request
         # (on a CPU for the thread count of a step with few streams: models/compiled_decode.py).
+        # Not where the native step serves: it takes every plain step first, so the compiled one would
+        # serve none, after seconds to a minute of compiling.
         self.compiled: CompiledDecode | None = None
-        if compile_decode:
+        if compile_decode and self.native_step is not None:
+            log.info("RIVULET_COMPILE: not compiled, the native CPU step (RIVULET_NATIVE_KERNELS) serves every "
+                     "decode step")
+        elif compile_decode:
             self.compiled = CompiledDecode(model, self.thread_policy.idle if self.thread_policy else None)
             self.compiled.warm_up(max_batch)
         # And on a CPU the batch-1 step also ahead of time, without Dynamo or Python between its kernels
@@ -103,7 +111,7 @@ class LlamaRunner:
         # failed: the same C++ compiler would be missing (as in the Docker image), after seconds of export.
         # Where the native one-row step serves, the library would serve nothing: not built.
         self.exported: ExportedDecode | None = None
-        if (compile_decode and self.thread_policy is not None and self.compiled.error is None
+        if (self.compiled is not None and self.thread_policy is not None and self.compiled.error is None
                 and self.native_step is None):
             self.exported = ExportedDecode(model, self.thread_policy.idle)
             self.exported.build()

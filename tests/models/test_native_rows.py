@@ -133,3 +133,14 @@ def test_the_product_equals_torchs(rows, out_features, in_features):
     weight = storage[:, :in_features]  # rows with a stride past their length
     x = torch.randn(rows, in_features, generator=generator)
     torch.testing.assert_close(multiply(weight, x), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_with_the_native_step_rivulet_compile_compiles_nothing(caplog):
+    """The native step takes every plain step first: compiling torch's would cost start-up and serve none."""
+    config = tiny_config(max_position_embeddings=128)
+    without, _ = greedy_run_with(random_model(config, seed=9), native_kernels=False)
+    with caplog.at_level("INFO", logger="rivulet.engine"):
+        tokens, runner = greedy_run_with(random_model(config, seed=9), compile_decode=True)
+    assert runner.compiled is None and runner.exported is None
+    assert "RIVULET_COMPILE: not compiled" in caplog.text
+    assert runner.native_step.batched_steps == 7 and tokens == without
