@@ -28,7 +28,7 @@ static inline __attribute__((always_inline)) void prefetch_vector(const float* v
 /* Eight floats as one value, in GCC's (and clang's) vector extension rather than intrinsics, so every x86-64
    level (and ARM) builds the kernels; -march=native makes them AVX2 or AVX-512 and fuses multiply-adds. */
 typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t int8x32 __attribute__((vector_size(32)));
+typedef int32_t int32x8 __attribute__((vector_size(32)));
 typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
 
 static inline __attribute__((always_inline)) vec8 load8(const float* p) { return *(const vec8_unaligned*)p; }
@@ -39,7 +39,7 @@ static inline __attribute__((always_inline)) vec8 splat(float s) { return (vec8)
 #if defined(__clang__)
 #define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
 #else
-#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (int8x32){i0, i1, i2, i3, i4, i5, i6, i7})
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (int32x8){i0, i1, i2, i3, i4, i5, i6, i7})
 #endif
 
 /* The eight lanes' sums of s[0..7], in one vector: lane t holds the sum of s[t]'s lanes. */
@@ -60,8 +60,8 @@ static inline __attribute__((always_inline)) vec8 sum_each(const vec8 s[8]) {
    exp(-87.3), about 1e-38, which no softmax sum tells from 0. */
 static inline __attribute__((always_inline)) vec8 exp8(vec8 x) {
     const vec8 low = splat(-87.3f), high = splat(88.3f);
-    x = (vec8)(((int8x32)(x < low) & (int8x32)low) | (~(int8x32)(x < low) & (int8x32)x));
-    x = (vec8)(((int8x32)(x > high) & (int8x32)high) | (~(int8x32)(x > high) & (int8x32)x));
+    x = (vec8)(((int32x8)(x < low) & (int32x8)low) | (~(int32x8)(x < low) & (int32x8)x));
+    x = (vec8)(((int32x8)(x > high) & (int32x8)high) | (~(int32x8)(x > high) & (int32x8)x));
     const vec8 round = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
     const vec8 n = (x * splat(1.44269504088896341f) + round) - round;
     const vec8 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) vec8 exp8(vec8 x) {
     p = p * r + splat(1.6666665459e-1f);
     p = p * r + splat(5.0000001201e-1f);
     p = p * (r * r) + r + splat(1.0f);
-    const int8x32 power = (__builtin_convertvector(n, int8x32) + 127) << 23;  /* 2^n as a float's bits */
+    const int32x8 power = (__builtin_convertvector(n, int32x8) + 127) << 23;  /* 2^n as a float's bits */
     return p * (vec8)power;
 }
 
@@ -203,9 +203,8 @@ static inline __attribute__((always_inline)) void attend_by_scalars(
     }
 }
 
-/* One (row, key/value head): its `group` query heads over its `length` keys. `dim` is a constant in the
-   specialised callers below, so the inner loops unroll. */
-static inline __attribute__((always_inline)) void attend(
+/* One (row, key/value head): its `group` query heads over its `length` keys. */
+static inline __attribute__((always_inline)) void attend_dim(
     const float* query, const float* keys, const float* values, float* out, int64_t length, int64_t group,
     const int64_t dim, int64_t key_stride, int64_t value_stride, float scale)
 {
@@ -213,6 +212,17 @@ static inline __attribute__((always_inline)) void attend(
         attend_by_vectors(query, keys, values, out, length, group, dim, key_stride, value_stride, scale);
     else
         attend_by_scalars(query, keys, values, out, length, group, dim, key_stride, value_stride, scale);
+}
+
+/* The same, with the head sizes of Llama-family models (64, 128) as constants, so the loops unroll. */
+static void attend(const float* query, const float* keys, const float* values, float* out, int64_t length,
+                   int64_t group, int64_t dim, int64_t key_stride, int64_t value_stride, float scale) {
+    if (dim == 64)
+        attend_dim(query, keys, values, out, length, group, 64, key_stride, value_stride, scale);
+    else if (dim == 128)
+        attend_dim(query, keys, values, out, length, group, 128, key_stride, value_stride, scale);
+    else
+        attend_dim(query, keys, values, out, length, group, dim, key_stride, value_stride, scale);
 }
 
 /* ---- a batched step's attention, each row over its own keys ---------------------------------------- */
@@ -242,12 +252,7 @@ int ragged_decode_attention(
         const float* row_values = values + row * value_row_stride + head * value_head_stride;
         const float* row_query = query + (row * heads + head * group) * dim;
         float* row_out = out + (row * heads + head * group) * dim;
-        if (dim == 64)
-            attend(row_query, row_keys, row_values, row_out, length, group, 64, key_stride, value_stride, scale);
-        else if (dim == 128)
-            attend(row_query, row_keys, row_values, row_out, length, group, 128, key_stride, value_stride, scale);
-        else
-            attend(row_query, row_keys, row_values, row_out, length, group, dim, key_stride, value_stride, scale);
+        attend(row_query, row_keys, row_values, row_out, length, group, dim, key_stride, value_stride, scale);
     }
     return 0;
 }
@@ -391,15 +396,8 @@ int decode_one(const Model* m, int64_t token, int64_t position, float* logits, f
             for (int64_t h = 0; h < kv_heads; h++) {
                 const float* keys = layer->keys + h * m->positions * dim;
                 const float* values = layer->values + h * m->positions * dim;
-                if (dim == 64)
-                    attend(qkv + h * group * 64, keys, values, attended + h * group * 64, position + 1, group, 64,
-                           64, 64, scale);
-                else if (dim == 128)
-                    attend(qkv + h * group * 128, keys, values, attended + h * group * 128, position + 1, group,
-                           128, 128, 128, scale);
-                else
-                    attend(qkv + h * group * dim, keys, values, attended + h * group * dim, position + 1, group,
-                           dim, dim, dim, scale);
+                attend(qkv + h * group * dim, keys, values, attended + h * group * dim, position + 1, group, dim,
+                       dim, dim, scale);
             }
             matvec(&layer->o, attended, delta);
             #pragma omp single
@@ -615,12 +613,7 @@ int decode_rows(const Model* m, const int64_t* tokens, const int64_t* positions,
                 const float* keys = layer->keys + r * row_stride + h * head_stride;
                 const float* values = layer->values + r * row_stride + h * head_stride;
                 float* out = attended + (r * heads + h * group) * dim;
-                if (dim == 64)
-                    attend(query, keys, values, out, length, group, 64, 64, 64, scale);
-                else if (dim == 128)
-                    attend(query, keys, values, out, length, group, 128, 128, 128, scale);
-                else
-                    attend(query, keys, values, out, length, group, dim, dim, dim, scale);
+                attend(query, keys, values, out, length, group, dim, dim, dim, scale);
             }
             pack_rows(attended, rows, heads * dim, heads * dim, packed);
             multiply_rows(&layer->o, packed, rows, x, hidden, 1);  /* the residual add, in place */
