@@ -77,15 +77,16 @@ class LlamaRunner:
         graphed = uncaptured_graphs or graphs_apply(self.device, cuda_graphs)
         model.setup_cache(max_batch, self.max_seq + (SPARE_POSITIONS if graphed else 0))
         model.fuse_projections()
-        # RIVULET_NATIVE_KERNELS: on a CPU in fp32, C kernels built at start-up (models/native_build.py) run the
-        # one-row step (models/native_step.py) and batched steps' attention (models/ragged_attention.py).
+        # RIVULET_NATIVE_KERNELS: on a CPU in fp32, C kernels built at start-up (models/native_build.py) run
+        # every plain decode step (models/native_step.py) and the attention of steps that carry a prompt's
+        # chunk (models/ragged_attention.py).
         native = (native_kernels and self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
                   and native_build.load() is not None)
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
-            # compiled steps (``row_dots``) and the native one-row step read one row's products from the
-            # loaded layout, eager ones from the transposed
-            one_row_native = native and native_step.takes(model)
-            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not one_row_native)
+            # compiled steps (``row_dots``) and the native step read the loaded layout, eager ones the
+            # transposed
+            native_steps = native and native_step.takes(model)
+            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not native_steps)
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
         self.native_step: native_step.NativeStep | None = native_step.bind(model) if native else None
@@ -109,7 +110,7 @@ class LlamaRunner:
         # And on a CPU the batch-1 step also ahead of time, without Dynamo or Python between its kernels
         # (models/exported_decode.py); torch.compile's serves what it does not. Not tried where torch.compile
         # failed: the same C++ compiler would be missing (as in the Docker image), after seconds of export.
-        # Where the native one-row step serves, the library would serve nothing: not built.
+        # Where the native step serves, the library would serve nothing: not built.
         self.exported: ExportedDecode | None = None
         if (self.compiled is not None and self.thread_policy is not None and self.compiled.error is None
                 and self.native_step is None):
