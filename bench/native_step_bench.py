@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.native_step_bench /tmp/bench-512
     .venv/bin/python -m bench.native_step_bench /tmp/bench-512 --batches 16,64 --keys 30,160
+    .venv/bin/python -m bench.native_step_bench /tmp/bench-512 --int8
+
 
 One model, laid out as a runner lays it out where the native step serves (weights as loaded, with the
 oneDNN packed copy torch's batched products use), its cache rows filled to ``--keys`` positions. For each
@@ -10,6 +12,10 @@ the median step time of each is printed with their ratio. Both write the same ca
 round starts from the same state. Torch's step is ``Llama.decode`` as the runner calls it without the
 native kernels' step: eager, its attention through the native ragged kernel (what a step carrying a
 prompt's chunk still runs).
+
+``--int8``: a third step, the native one reading int8 weights (RIVULET_QUANT=int8, models/quantize.py),
+bound after the first two; the model's weights then hold the int8 values, which the fp32 steps read at
+the same speed as before.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 
 from models import native_build, native_step
 from models.checkpoint import load_model
+from models.quantize import quantize_model
 
 
 def main() -> None:
@@ -32,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--int8", action="store_true", help="also the native step over int8 weights")
     args = parser.parse_args()
     if native_build.load() is None:
         raise SystemExit(f"the native kernels did not load: {native_build.load_error}")
@@ -46,10 +54,18 @@ def main() -> None:
     step = native_step.bind(model)
     if step is None:
         raise SystemExit("the native step does not take this model")
+    int8_step = None
+    if args.int8:
+        quantize_model(model)
+        int8_step = native_step.bind(model)
     generator = torch.Generator().manual_seed(0)
     print(f"{args.checkpoint.name}, {args.threads} threads, median of {args.rounds} rounds of {args.steps} steps")
-    print("| batch | keys | torch ms | native ms | torch / native |")
-    print("|---|---|---|---|---|")
+    if int8_step is None:
+        print("| batch | keys | torch ms | native ms | torch / native |")
+        print("|---|---|---|---|---|")
+    else:
+        print("| batch | keys | torch ms | native ms | native int8 ms | torch / native | native / int8 |")
+        print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for keys in key_counts:
             prompt = torch.randint(3, model.config.vocab_size, (max(batches), keys), generator=generator)
@@ -59,7 +75,7 @@ def main() -> None:
                 positions = torch.full((batch,), keys)
                 token_list, position_list = tokens.tolist(), positions.tolist()
 
-                def native() -> None:
+                def native(step: native_step.NativeStep = step) -> None:
                     if batch == 1:
                         step(token_list[0], position_list[0])
                     else:
@@ -68,15 +84,23 @@ def main() -> None:
                 def eager() -> None:
                     model.decode(tokens, positions, keys + 1, ragged=False)
 
-                times: dict[str, list[float]] = {"torch": [], "native": []}
+                runs = [("torch", eager), ("native", native)]
+                if int8_step is not None:
+                    runs.append(("int8", lambda: native(int8_step)))
+                times: dict[str, list[float]] = {name: [] for name, _ in runs}
                 for _ in range(args.rounds):
-                    for name, run in (("torch", eager), ("native", native)):
+                    for name, run in runs:
                         started = time.perf_counter()
                         for _ in range(args.steps):
                             run()
                         times[name].append((time.perf_counter() - started) / args.steps * 1e3)
                 eager_ms, native_ms = statistics.median(times["torch"]), statistics.median(times["native"])
-                print(f"| {batch} | {keys} | {eager_ms:.2f} | {native_ms:.2f} | {eager_ms / native_ms:.2f} |")
+                if int8_step is None:
+                    print(f"| {batch} | {keys} | {eager_ms:.2f} | {native_ms:.2f} | {eager_ms / native_ms:.2f} |")
+                else:
+                    int8_ms = statistics.median(times["int8"])
+                    print(f"| {batch} | {keys} | {eager_ms:.2f} | {native_ms:.2f} | {int8_ms:.2f} | "
+                          f"{eager_ms / native_ms:.2f} | {native_ms / int8_ms:.2f} |")
 
 
 if __name__ == "__main__":

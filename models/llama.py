@@ -39,9 +39,11 @@ class Linear(nn.Linear):
     imports torch's decomposition tables: seconds at every start-up).
 
     ``packed``: on a CPU, a copy of the weight for the rows that multiply faster through it
-    (models/cpu_weights.py); None elsewhere."""
+    (models/cpu_weights.py); None elsewhere. ``int8``: the weight's int8 rows where RIVULET_QUANT=int8
+    (models/quantize.py), read by the native decode step; None elsewhere."""
 
     packed: torch.Tensor | None = None
+    int8 = None  # models.quantize.Int8Rows | None
 
     def reset_parameters(self) -> None:
         pass
@@ -205,6 +207,7 @@ class Attention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)
         # oneDNN's opaque layout, which export cannot trace: an attribute, left out of exported steps.
         self.qkv_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
+        self.qkv_int8 = None  # models.quantize.Int8Rows of qkv_weight, set by quantize_model()
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -306,6 +309,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(), as Attention's
         self.gate_up_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
+        self.gate_up_int8 = None  # models.quantize.Int8Rows of gate_up_weight, set by quantize_model()
 
     @torch.no_grad()
     def fuse(self) -> None:

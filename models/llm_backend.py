@@ -55,7 +55,7 @@ class LlamaBackend:
     def __init__(self, directory: Path, device: torch.device, max_batch: int,
                  max_context: int | None = None, prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK,
                  compile_decode: bool = False, prefix_caching: bool = True, packed_weights: bool = True,
-                 cuda_graphs: bool = True, native_kernels: bool = True) -> None:
+                 cuda_graphs: bool = True, native_kernels: bool = True, quant: str = "none") -> None:
         self.directory = directory
         self.device = device
         self.max_batch = max_batch
@@ -73,6 +73,7 @@ class LlamaBackend:
         self.packed_weights = packed_weights  # RIVULET_PACKED_WEIGHTS (models/cpu_weights.py)
         self.cuda_graphs = cuda_graphs  # RIVULET_CUDA_GRAPHS (models/cuda_graphs.py)
         self.native_kernels = native_kernels  # RIVULET_NATIVE_KERNELS (models/native_build.py)
+        self.quant = quant  # RIVULET_QUANT (models/quantize.py)
         self.chunk_budget = ChunkBudget(self.prefill_chunk_tokens) if self.prefill_chunk_tokens else None
 
     def load(self) -> None:
@@ -94,7 +95,7 @@ class LlamaBackend:
                         "free on %s: %d run at once, the rest wait (a lower RIVULET_MAX_CONTEXT fits more)",
                         self.max_batch, self.context_length, free / GiB, self.device, batch)
         self.runner = LlamaRunner(model, batch, self.context_length, self.compile_decode, self.prefix_caching, pack,
-                                  cuda_graphs=self.cuda_graphs, native_kernels=self.native_kernels)
+                                  cuda_graphs=self.cuda_graphs, native_kernels=self.native_kernels, quant=self.quant)
         log.info("loaded %s on %s (%s); KV cache %.2f GiB for %d x %d tokens%s", self.directory, self.device, dtype,
                  kv_cache_bytes(model.config, batch, self.context_length + spare, dtype) / GiB, batch,
                  self.context_length,

@@ -6,12 +6,14 @@
  *   weights read where the model keeps them.
  * - decode_rows (models/native_step.py): the same for a batch of rows, its products through a packed
  *   matrix-matrix kernel (multiply_rows).
+ * Both read int8 weights with a scale per row where the model is quantized (RIVULET_QUANT=int8).
  *
  * Built with -O3 -march=native -fopenmp; the library shares torch's OpenMP runtime (torch's wheel brings
  * libgomp.so.1, loaded before this library), so its threads are torch's.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KEY_BLOCK 64      /* keys scored before their values are summed: the scores stay in L1 */
@@ -260,10 +262,15 @@ int ragged_decode_attention(
 
 /* ---- a one-row decode step ---------------------------------------------------------------------------- */
 
-/* A weight [rows, cols] as loaded: each row's cols floats contiguous, rows row_stride floats apart. */
+/* A weight [rows, cols] as loaded: each row's cols floats contiguous, rows row_stride floats apart.
+   Quantized (RIVULET_QUANT=int8, models/quantize.py) when `quantized` is set: row r's weights are
+   quantized[r][c] * scales[r], the int8 rows contiguous (cols apart), and the products read those (a quarter
+   of the bytes) instead of `data`. */
 typedef struct {
     const float* data;
     int64_t rows, cols, row_stride;
+    const int8_t* quantized;   /* [rows, cols] or NULL */
+    const float* scales;       /* [rows] where quantized */
 } Matrix;
 
 typedef struct {
@@ -293,7 +300,13 @@ typedef struct {
 } Model;
 
 /* y = W x, inside a parallel region: the output rows are shared out among the threads. */
+static void matvec_int8(const Matrix* w, const float* restrict x, float* restrict y);
+
 static void matvec(const Matrix* w, const float* restrict x, float* restrict y) {
+    if (w->quantized != NULL) {
+        matvec_int8(w, x, y);
+        return;
+    }
     const int64_t rows = w->rows, cols = w->cols;
     /* A dot product per row, four rows at a time (x is read once for four). */
     #pragma omp for schedule(static)
@@ -324,6 +337,46 @@ static void matvec(const Matrix* w, const float* restrict x, float* restrict y) 
                 #pragma omp simd reduction(+:a)
                 for (int64_t c = 0; c < cols; c++) a += wk[c] * x[c];
                 y[k] = a;
+            }
+        }
+    }
+}
+
+#define QUANTIZED_BLOCK 64  /* int8 weights per row per prefetch: one 64-byte line */
+
+/* matvec for a quantized weight: each row's dot product over its int8 weights, scaled once at the end. */
+static void matvec_int8(const Matrix* w, const float* restrict x, float* restrict y) {
+    const int64_t rows = w->rows, cols = w->cols;
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r += 4) {
+        const int8_t* w0 = w->quantized + r * cols;
+        if (r + 4 <= rows) {
+            const int8_t *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+            for (int64_t c0 = 0; c0 < cols; c0 += QUANTIZED_BLOCK) {
+                /* the same distance ahead in bytes as the fp32 rows' prefetch */
+                __builtin_prefetch(w0 + c0 + 4 * PREFETCH_WEIGHTS);
+                __builtin_prefetch(w1 + c0 + 4 * PREFETCH_WEIGHTS);
+                __builtin_prefetch(w2 + c0 + 4 * PREFETCH_WEIGHTS);
+                __builtin_prefetch(w3 + c0 + 4 * PREFETCH_WEIGHTS);
+                const int64_t end = cols - c0 < QUANTIZED_BLOCK ? cols : c0 + QUANTIZED_BLOCK;
+                #pragma omp simd reduction(+:a0, a1, a2, a3)
+                for (int64_t c = c0; c < end; c++) {
+                    a0 += (float)w0[c] * x[c];
+                    a1 += (float)w1[c] * x[c];
+                    a2 += (float)w2[c] * x[c];
+                    a3 += (float)w3[c] * x[c];
+                }
+            }
+            y[r] = a0 * w->scales[r]; y[r + 1] = a1 * w->scales[r + 1];
+            y[r + 2] = a2 * w->scales[r + 2]; y[r + 3] = a3 * w->scales[r + 3];
+        } else {
+            for (int64_t k = r; k < rows; k++) {
+                const int8_t* wk = w->quantized + k * cols;
+                float a = 0.0f;
+                #pragma omp simd reduction(+:a)
+                for (int64_t c = 0; c < cols; c++) a += (float)wk[c] * x[c];
+                y[k] = a * w->scales[k];
             }
         }
     }
@@ -505,22 +558,56 @@ static inline __attribute__((always_inline)) void multiply_tile(
     store8(out[3], c30); store8(out[4], c40); store8(out[5], c50);
 }
 
+/* This thread's buffer of at least `floats` floats, kept for its next products (the OpenMP threads live as
+   long as the process). NULL-safe callers are not needed: an allocation failure aborts, as torch's would. */
+static float* widening_buffer(int64_t floats) {
+    static __thread float* buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (floats > capacity) {
+        free(buffer);
+        buffer = malloc((size_t)floats * sizeof(float));
+        if (buffer == NULL) abort();
+        capacity = floats;
+    }
+    return buffer;
+}
+
+/* Quantized weight rows first..first+count-1 as floats (each int8 times its row's scale) -> out [count, cols]. */
+static inline void widen_rows(const Matrix* w, int64_t first, int64_t count, float* restrict out) {
+    for (int64_t i = 0; i < count; i++) {
+        const int8_t* q = w->quantized + (first + i) * w->cols;
+        const float scale = w->scales[first + i];
+        float* o = out + i * w->cols;
+        #pragma omp simd
+        for (int64_t c = 0; c < w->cols; c++) o[c] = (float)q[c] * scale;
+    }
+}
+
 /* y[r][o] = (accumulate ? y[r][o] : 0) + sum_c x[r][c] w[o][c] for the `rows` rows packed in `packed`;
    y's rows `y_stride` floats apart. Inside a parallel region: the weight's rows are shared out. */
 static void multiply_rows(const Matrix* w, const float* restrict packed, int64_t rows, float* restrict y,
                           int64_t y_stride, int accumulate) {
     const int64_t tiles = (w->rows + TILE_ROWS - 1) / TILE_ROWS, panels = (rows + PANEL - 1) / PANEL;
     const int64_t cols = w->cols;
+    /* A quantized tile is widened to floats (scaled) once, then multiplied by every panel from L1/L2 as an
+       fp32 tile is: the conversion is paid once per weight, not once per panel. */
+    float* widened = w->quantized != NULL ? widening_buffer(TILE_ROWS * cols) : NULL;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t first = t * TILE_ROWS;
         const int64_t tile_rows = w->rows - first < TILE_ROWS ? w->rows - first : TILE_ROWS;
         const float* tile = w->data + first * w->row_stride;
+        int64_t tile_stride = w->row_stride;
+        if (widened != NULL) {
+            widen_rows(w, first, tile_rows, widened);
+            tile = widened;
+            tile_stride = cols;
+        }
         for (int64_t p = 0; p < panels; p++) {
             float out[TILE_ROWS][PANEL];
             const int64_t width = panel_width(p, rows);
             const int64_t count = rows - p * PANEL < PANEL ? rows - p * PANEL : PANEL;
-            multiply_tile(tile, w->row_stride, tile_rows, packed + p * PANEL * cols, width, cols, out);
+            multiply_tile(tile, tile_stride, tile_rows, packed + p * PANEL * cols, width, cols, out);
             for (int64_t j = 0; j < count; j++) {
                 float* target = y + (p * PANEL + j) * y_stride + first;
                 if (accumulate)

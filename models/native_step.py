@@ -13,6 +13,10 @@ call too: the rows packed in panels of 16 and multiplied by each weight as it is
 once a step), norms, rotary, the cache writes and each row's attention over its own keys in between
 (bench/README.md section 16).
 
+With RIVULET_QUANT=int8 (models/quantize.py) its products read the int8 rows kept beside each weight: one
+row's step streams a quarter of the bytes; a batch's widens each tile of int8 rows to floats once, in L1,
+and multiplies it as before, so its results are the same bits as over the dequantized fp32 weights.
+
 It reads the model's own tensors where they are (the weights in their loaded layout, which the runner
 keeps where this step serves, the KV cache, the rotary tables): nothing is copied, and an in-place change
 to a weight is seen by the next step. The tensors are bound once (``NativeStep(model)``), after the runner
@@ -28,6 +32,7 @@ import torch
 
 from models import native_build
 from models.llama import Llama
+from models.quantize import Int8Rows
 from models.ragged_attention import MAX_DIM, MAX_GROUP
 
 log = logging.getLogger("rivulet.engine")
@@ -36,7 +41,8 @@ _i64, _f32, _float_p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Matrix(ctypes.Structure):
-    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64)]
+    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64), ("quantized", _float_p),
+                ("scales", _float_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -90,10 +96,12 @@ class NativeStep:
             layer.post_norm = self._vector(decoder.post_attention_layernorm.weight)
             heads_dim = config.num_attention_heads * config.head_dim
             qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-            layer.qkv = self._matrix(attention.qkv_weight, (qkv_rows, config.hidden_size))
-            layer.o = self._matrix(attention.o_proj.weight, (config.hidden_size, heads_dim))
-            layer.gate_up = self._matrix(mlp.gate_up_weight, (2 * config.intermediate_size, config.hidden_size))
-            layer.down = self._matrix(mlp.down_proj.weight, (config.hidden_size, config.intermediate_size))
+            layer.qkv = self._matrix(attention.qkv_weight, (qkv_rows, config.hidden_size), attention.qkv_int8)
+            layer.o = self._matrix(attention.o_proj.weight, (config.hidden_size, heads_dim), attention.o_proj.int8)
+            layer.gate_up = self._matrix(mlp.gate_up_weight, (2 * config.intermediate_size, config.hidden_size),
+                                         mlp.gate_up_int8)
+            layer.down = self._matrix(mlp.down_proj.weight, (config.hidden_size, config.intermediate_size),
+                                      mlp.down_proj.int8)
             layer.keys, layer.values = self._cache(cache.k), self._cache(cache.v)
         self._layers = layers
         rotary = model.rotary
@@ -104,12 +112,13 @@ class NativeStep:
             layers=config.num_hidden_layers, positions=positions, rotary_positions=rotary.cos.shape[0],
             eps=config.rms_norm_eps, embed=self._rows(model.model.embed_tokens.weight),
             final_norm=self._vector(model.model.norm.weight),
-            lm_head=self._matrix(model.lm_head.weight, (config.vocab_size, config.hidden_size)),
+            lm_head=self._matrix(model.lm_head.weight, (config.vocab_size, config.hidden_size), model.lm_head.int8),
             cos=self._rows(rotary.cos), sin=self._rows(rotary.sin), layer=layers, cache_rows=cache_rows)
         self._pointer = ctypes.pointer(self._model)
         self.vocab = config.vocab_size
         self.positions = min(positions, rotary.cos.shape[0])
         self._scratch = torch.empty(scratch_size(self._pointer), dtype=torch.float32)
+        self.quantized = model.lm_head.int8 is not None  # RIVULET_QUANT=int8: the products read int8 rows
         self.max_rows = cache_rows
         self._rows_scratch = torch.empty(rows_scratch_size(self._pointer, cache_rows), dtype=torch.float32)
         self.steps = 0  # one-row steps served (tests, logs)
@@ -143,8 +152,8 @@ class NativeStep:
         self.batched_steps += 1
         return logits
 
-    def _hold(self, tensor: torch.Tensor) -> int:
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+    def _hold(self, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+        if tensor.dtype != dtype or tensor.device.type != "cpu":
             raise ValueError(f"native decode step: a {tensor.dtype} tensor on {tensor.device}")
         self._held.append(tensor)
         return tensor.data_ptr()
@@ -160,15 +169,23 @@ class NativeStep:
             raise ValueError("native decode step: a table whose rows are not contiguous")
         return self._hold(tensor.detach())
 
-    def _matrix(self, weight: torch.Tensor, shape: tuple[int, int]) -> _Matrix:
+    def _matrix(self, weight: torch.Tensor, shape: tuple[int, int], int8: Int8Rows | None = None) -> _Matrix:
         """A weight [out, in] of ``shape`` (the C step sizes its buffers by the config) in its loaded layout,
-        each row contiguous: what the runner lays out where this step serves (models/cpu_weights.py)."""
+        each row contiguous: what the runner lays out where this step serves (models/cpu_weights.py). With
+        ``int8`` (RIVULET_QUANT=int8) the products read its rows (contiguous) instead of the weight's."""
         rows, cols = weight.shape
         if (rows, cols) != shape:
             raise ValueError(f"native decode step: a weight of shape {(rows, cols)} where {shape} was expected")
         if weight.stride(1) != 1:
             raise ValueError(f"native decode step: a weight whose rows are not contiguous (strides {weight.stride()})")
-        return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
+        matrix = _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
+        if int8 is not None:
+            if tuple(int8.values.shape) != shape or not int8.values.is_contiguous() or int8.scales.shape != (rows,):
+                raise ValueError(f"native decode step: int8 rows of shape {tuple(int8.values.shape)} where {shape} "
+                                 "(contiguous) was expected")
+            matrix.quantized = self._hold(int8.values, torch.int8)
+            matrix.scales = self._vector(int8.scales)
+        return matrix
 
     def _cache(self, cache: torch.Tensor) -> int:
         """A layer's cache [rows, KV, positions, D], contiguous."""

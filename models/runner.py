@@ -28,6 +28,7 @@ from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
 from models.prompt_checks import prompt_error
+from models.quantize import QUANT_MODES, quantize_model
 from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
@@ -65,7 +66,7 @@ def step_results(seqs: list[Sequence], logits: torch.Tensor, sampled: list[int |
 class LlamaRunner:
     def __init__(self, model: Llama, max_batch: int, max_seq: int | None = None, compile_decode: bool = False,
                  prefix_caching: bool = True, packed_weights: bool = True, cuda_graphs: bool = True,
-                 uncaptured_graphs: bool = False, native_kernels: bool = True) -> None:
+                 uncaptured_graphs: bool = False, native_kernels: bool = True, quant: str = "none") -> None:
         self.model = model
         self.device = model.lm_head.weight.device
         self.max_batch = max_batch
@@ -77,6 +78,10 @@ class LlamaRunner:
         graphed = uncaptured_graphs or graphs_apply(self.device, cuda_graphs)
         model.setup_cache(max_batch, self.max_seq + (SPARE_POSITIONS if graphed else 0))
         model.fuse_projections()
+        # RIVULET_QUANT=int8: before the CPU layouts and packed copies, which then hold the quantized values.
+        if quant not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {quant!r}: expected one of {', '.join(QUANT_MODES)}")
+        quantized_bytes = quantize_model(model) if quant == "int8" else 0
         # RIVULET_NATIVE_KERNELS: on a CPU in fp32, C kernels built at start-up (models/native_build.py) run
         # every plain decode step (models/native_step.py) and the attention of steps that carry a prompt's
         # chunk (models/ragged_attention.py).
@@ -90,6 +95,13 @@ class LlamaRunner:
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
         self.native_step: native_step.NativeStep | None = native_step.bind(model) if native else None
+        if quant == "int8":
+            if self.native_step is not None:
+                log.info("RIVULET_QUANT=int8: %.1f MiB of int8 weights, read by the native decode step",
+                         quantized_bytes / 2**20)
+            else:  # a GPU, bf16 weights, or no native kernels: torch multiplies the fp32 copy
+                log.warning("RIVULET_QUANT=int8: the native CPU step does not serve here (it needs fp32 on a CPU "
+                            "with RIVULET_NATIVE_KERNELS): outputs are the int8 model's, steps run at fp32 speed")
         # Torch threads per step from the load, on CPU only. The engine has already set its thread count
         # (CPUs - 1 by default) on this thread: that is the count for a busy step.
         self.thread_policy: LoadAwareThreads | None = None

@@ -44,6 +44,7 @@ class ModelSpec:
     packed_weights: bool = True  # on a CPU, a prepacked copy of the weights for batched steps
     cuda_graphs: bool = True  # on CUDA, plain decode steps replayed from CUDA graphs
     native_kernels: bool = True  # on a CPU, decode steps through models/native_kernels.c where it builds
+    quant: str = "none"  # none, or int8: weight-only int8 (models/quantize.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +64,7 @@ def open_model(spec: ModelSpec, *, backend: Backend | None = None) -> ServedMode
         else:
             backend = LlamaBackend(spec.directory, device, spec.max_batch, spec.max_context,
                                    spec.prefill_chunk_tokens, spec.compile_decode, spec.prefix_caching,
-                                   spec.packed_weights, spec.cuda_graphs, spec.native_kernels)
+                                   spec.packed_weights, spec.cuda_graphs, spec.native_kernels, spec.quant)
     engine = Engine(backend, max_batch=spec.max_batch, max_waiting=spec.max_waiting)
     return ServedModel(backend, engine)
 

@@ -55,7 +55,7 @@ class Runtime:
         spec = ModelSpec(settings.model, worker_device(settings.device), settings.max_batch, settings.max_waiting,
                          settings.max_context, settings.prefill_chunk_tokens, settings.compile,
                          settings.prefix_caching, settings.packed_weights, settings.cuda_graphs,
-                         settings.native_kernels)
+                         settings.native_kernels, settings.quant)
         model = open_model(spec, backend=backend)
         engine = model.engine
         metrics = Metrics(running=lambda: engine.running_count, waiting=lambda: engine.waiting_count,

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,15 +51,22 @@ class Settings(BaseModel):
     # system prompt) copies that row's cached keys instead of computing them (models/prefix_cache.py);
     # one identical to a prompt a row still holds is not computed at all (models/row_prompts.py).
     prefix_caching: bool = True
-    # On a CPU, a second copy of the projection weights in oneDNN's blocked layout, which batched decode
-    # steps multiply 1.2-1.5x faster (models/cpu_weights.py). It costs the weights' memory once more, so it
-    # is skipped when they take more than a quarter of the free memory; off here saves that memory always.
+    # On a CPU, a second copy of the projection weights in oneDNN's blocked layout, which batched products
+    # multiply 1.2-1.5x faster (models/cpu_weights.py): where the native step serves the decode steps, the
+    # prefill of prompts of up to 256 tokens and steps carrying a long prompt's chunk. It costs the weights'
+    # memory once more, so it is skipped when they take more than a quarter of the free memory; off here
+    # saves that memory always.
     packed_weights: bool = True
     # On a CPU in fp32, C kernels built at start-up by the machine's C compiler (models/native_build.py):
     # a one-row decode step in one call (models/native_step.py) and batched steps' attention over each
     # row's own keys (models/ragged_attention.py). Without a compiler a library built ahead of time is
     # loaded (the Docker image's); without either, or off here, torch runs them.
     native_kernels: bool = True
+    # Weight-only quantization: none, or int8 (models/quantize.py): every projection and the LM head as int8
+    # rows with a scale each, which the native CPU decode step reads (a quarter of fp32's bytes, so a
+    # step with few streams runs up to ~3x faster). Outputs change slightly, as any int8 model's do. The
+    # fp32 weights stay for prefill (holding the quantized values), so memory grows by a quarter.
+    quant: Literal["none", "int8"] = "none"
     # On CUDA, replay each plain decode step from a CUDA graph (models/cuda_graphs.py): one launch a step
     # instead of one per kernel, of which a small model's eager step has hundreds. One graph per batch-size
     # bucket is captured at start-up, longer key counts on first use; each KV-cache row holds one spare

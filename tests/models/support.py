@@ -6,6 +6,7 @@ built-in corpus with byte fallback, and Llama checkpoints with seeded random wei
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
 import threading
@@ -19,12 +20,14 @@ import sentencepiece as spm
 import torch
 
 from models.api import Finished, GenerationRequest, SamplingParams, TextDelta
+from models import native_build, native_step
 from models.checkpoint import save_checkpoint
 from models.config import LlamaConfig
 from models.engine import Engine
 from models.llama import Llama
 from models.llm_backend import LlamaBackend
 from models.outputs import Sampled
+from models.quantize import Int8Rows, quantize_model
 from models.runner import LlamaRunner
 from models.sequence import Sequence
 
@@ -187,3 +190,42 @@ def generate(engine: Engine, prompt_ids: list[int], **sampling) -> RecordingSink
     engine.submit(request(prompt_ids, **sampling), sink)
     sink.wait()
     return sink
+
+
+def native_product(weight: torch.Tensor, x: torch.Tensor, int8: Int8Rows | None = None) -> torch.Tensor:
+    """``x @ weight.T`` through the native kernels' batched product (``multiply_rows_by``), reading ``int8``'s
+    rows where given. Scratch and output start as NaN: padding must not leak into the result."""
+    library = native_build.load()
+    function = library.multiply_rows_by
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.POINTER(native_step._Matrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int]
+    scratch = library.multiply_rows_scratch
+    scratch.restype = ctypes.c_int64
+    scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    packed = torch.full((scratch(rows, in_features),), float("nan"))  # padding must not leak into outputs
+    y = torch.full((rows, out_features), float("nan"))
+    matrix = native_step._Matrix(weight.data_ptr(), out_features, in_features, weight.stride(0))
+    if int8 is not None:
+        matrix.quantized, matrix.scales = int8.values.data_ptr(), int8.scales.data_ptr()
+    assert function(ctypes.byref(matrix), x.data_ptr(), rows, y.data_ptr(), packed.data_ptr(), 2) == 0
+    return y
+
+
+def prepared(config: LlamaConfig, rows: int, seed: int = 5, quantized: bool = False) -> Llama:
+    """A model laid out as a runner lays it out where the native step serves (``quantized``: with
+    RIVULET_QUANT=int8), each of its ``rows`` cache rows holding a prompt of its own length (3 to 12 tokens)."""
+    model = random_model(config, seed=seed)
+    model.setup_cache(rows, config.max_position_embeddings)
+    model.fuse_projections()
+    if quantized:
+        quantize_model(model)
+    model.lay_out_for_cpu(pack=False, transposed=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for row in range(rows):
+            length = 3 + row % 10
+            prompt = torch.randint(3, config.vocab_size, (1, length), generator=generator)
+            model.prefill(prompt, torch.tensor([row]), torch.tensor([length]))
+    return model

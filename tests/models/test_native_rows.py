@@ -4,15 +4,12 @@ product packs rows in panels of 16, the last of 8 where at most 8 are left); a r
 depend on the rows beside it; bad input writes nothing; and the product on its own against torch's."""
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
 from models import native_build, native_step
-from models.config import LlamaConfig
 from models.llama import Llama
-from tests.models.support import greedy_run_with, random_model, tiny_config
+from tests.models.support import greedy_run_with, native_product, prepared, random_model, tiny_config
 
 pytestmark = pytest.mark.skipif(native_build.load() is None, reason="no C compiler for the native kernels")
 
@@ -22,22 +19,6 @@ CONFIGS = {
     "head_dim 64, tied": tiny_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
                                      tie_word_embeddings=True),
 }
-
-
-def prepared(config: LlamaConfig, rows: int, seed: int = 5) -> Llama:
-    """A model laid out as a runner lays it out where the native step serves, each of its ``rows`` cache
-    rows holding a prompt of its own length (3 to 12 tokens)."""
-    model = random_model(config, seed=seed)
-    model.setup_cache(rows, config.max_position_embeddings)
-    model.fuse_projections()
-    model.lay_out_for_cpu(pack=False, transposed=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        for row in range(rows):
-            length = 3 + row % 10
-            prompt = torch.randint(3, config.vocab_size, (1, length), generator=generator)
-            model.prefill(prompt, torch.tensor([row]), torch.tensor([length]))
-    return model
 
 
 def caches(model: Llama) -> list:
@@ -108,23 +89,6 @@ def test_the_runners_batched_steps_go_through_it_with_the_same_tokens():
     assert tokens == without
 
 
-def multiply(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    library = native_build.load()
-    function = library.multiply_rows_by
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.POINTER(native_step._Matrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_int]
-    scratch = library.multiply_rows_scratch
-    scratch.restype = ctypes.c_int64
-    scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    rows, (out_features, in_features) = x.shape[0], weight.shape
-    packed = torch.full((scratch(rows, in_features),), float("nan"))  # padding must not leak into outputs
-    y = torch.full((rows, out_features), float("nan"))
-    matrix = native_step._Matrix(weight.data_ptr(), out_features, in_features, weight.stride(0))
-    assert function(ctypes.byref(matrix), x.data_ptr(), rows, y.data_ptr(), packed.data_ptr(), 2) == 0
-    return y
-
-
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 24, 40])
 @pytest.mark.parametrize("out_features, in_features", [(6, 16), (13, 7), (1, 33), (50, 64)])
 def test_the_product_equals_torchs(rows, out_features, in_features):
@@ -132,7 +96,7 @@ def test_the_product_equals_torchs(rows, out_features, in_features):
     storage = torch.randn(out_features, in_features + 3, generator=generator)
     weight = storage[:, :in_features]  # rows with a stride past their length
     x = torch.randn(rows, in_features, generator=generator)
-    torch.testing.assert_close(multiply(weight, x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native_product(weight, x), x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_with_the_native_step_rivulet_compile_compiles_nothing(caplog):

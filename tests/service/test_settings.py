@@ -34,6 +34,11 @@ def test_environment_variables_are_read():
     assert s.test_hooks is True and s.max_context == 1024
 
 
+def test_quantization_is_none_unless_int8_is_asked_for():
+    assert Settings.from_env({}).quant == "none"
+    assert Settings.from_env({"RIVULET_QUANT": "int8"}).quant == "int8"
+
+
 def test_empty_variable_keeps_the_default():
     assert Settings.from_env({"RIVULET_MAX_BATCH": "", "RIVULET_API_KEYS": "  "}).max_batch == 32
 
@@ -51,6 +56,7 @@ def test_overrides_win_over_environment():
     ("RIVULET_HEARTBEAT_S", "0"),
     ("RIVULET_DEVICE", "gpu"),
     ("RIVULET_TEST_HOOKS", "perhaps"),
+    ("RIVULET_QUANT", "int4"),
 ])
 def test_bad_values_name_the_variable(variable, value):
     with pytest.raises(SettingsError, match=variable):

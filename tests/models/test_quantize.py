@@ -1,0 +1,121 @@
+"""Weight-only int8 (RIVULET_QUANT=int8, models/quantize.py): the rows and scales; every projection and the
+LM head quantized with the fp32 weights holding what the int8 rows stand for; the native step's products
+read the int8 rows (the same bits as the fp32 product over the dequantized weights, batched), and every
+path gives the same tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import native_build, native_step
+from models.quantize import INT8_MAX, Int8Rows, quantize_model, quantize_rows
+from tests.models.support import greedy_run_with, native_product, prepared, random_model, tiny_config
+
+native = pytest.mark.skipif(native_build.load() is None, reason="no C compiler for the native kernels")
+
+
+def test_rows_round_to_the_nearest_step_of_their_own_scale():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 70, generator=generator) * torch.logspace(-3, 1, 9).unsqueeze(1)  # rows far apart
+    rows = quantize_rows(weight)
+    assert rows.values.dtype == torch.int8 and rows.values.shape == (9, 70) and rows.scales.shape == (9,)
+    torch.testing.assert_close(rows.scales, weight.abs().amax(dim=1) / INT8_MAX)
+    assert bool((rows.values.abs().amax(dim=1) == INT8_MAX).all())  # each row's largest weight uses the range
+    error = (rows.dequantized() - weight).abs()
+    assert bool((error <= rows.scales.unsqueeze(1) * 0.5001).all())
+
+
+def test_a_row_of_zeros_stays_zeros_and_a_vector_is_refused():
+    weight = torch.zeros(3, 8)
+    weight[1] = torch.tensor([-127.0, -64, -1, 0, 1, 2, 100, 127]) * 0.25  # whole steps of the scale 0.25
+    rows = quantize_rows(weight)
+    assert rows.scales[0] == 0 and rows.scales[2] == 0 and not bool(rows.values[0].any())
+    assert torch.equal(rows.dequantized()[0], torch.zeros(8))
+    assert torch.equal(rows.dequantized()[1], weight[1])  # whole steps are exact
+    with pytest.raises(ValueError, match="matrix"):
+        quantize_rows(torch.ones(4))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_model_keeps_int8_rows_and_overwrites_the_weights_with_their_values(tied):
+    model = random_model(tiny_config(tie_word_embeddings=tied), seed=3)
+    original = model.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="fused"):
+        quantize_model(model)
+    model.fuse_projections()
+    made = quantize_model(model)
+    layer = model.model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    pairs = [(attention.qkv_weight, attention.qkv_int8), (attention.o_proj.weight, attention.o_proj.int8),
+             (mlp.gate_up_weight, mlp.gate_up_int8), (mlp.down_proj.weight, mlp.down_proj.int8),
+             (model.lm_head.weight, model.lm_head.int8)]
+    for weight, rows in pairs:
+        assert isinstance(rows, Int8Rows) and torch.equal(weight, rows.dequantized())
+    # The fused matrix's views (the state dict's keys) see the same values.
+    q_rows = attention.q_proj.weight.shape[0]
+    assert torch.equal(attention.q_proj.weight, attention.qkv_int8.dequantized()[:q_rows])
+    assert not torch.equal(model.lm_head.weight, original)
+    assert torch.equal(model.model.embed_tokens.weight, model.lm_head.weight) == tied
+    assert made == sum(rows.values.numel() for layer in model.model.layers for rows in (
+        layer.self_attn.qkv_int8, layer.self_attn.o_proj.int8, layer.mlp.gate_up_int8, layer.mlp.down_proj.int8)
+    ) + model.lm_head.int8.values.numel()
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 40])
+@pytest.mark.parametrize("out_features, in_features", [(6, 16), (13, 7), (50, 64), (7, 300)])
+def test_the_int8_product_is_the_fp32_product_over_the_dequantized_weights(rows, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows * 100 + out_features)
+    int8 = quantize_rows(torch.randn(out_features, in_features, generator=generator))
+    x = torch.randn(rows, in_features, generator=generator)
+    dequantized = int8.dequantized()
+    expected = native_product(dequantized, x, None)
+    # What it reads: int8 rows only. The fp32 matrix it is handed is garbage, and the result is the same bits.
+    garbage = torch.full_like(dequantized, float("nan"))
+    assert torch.equal(native_product(garbage, x, int8), expected)
+    torch.testing.assert_close(expected, x @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("batch", [1, 5, 19])
+@torch.inference_mode()
+def test_the_native_step_reads_the_int8_rows_and_gives_torchs_logits(batch):
+    config = tiny_config(hidden_size=64, intermediate_size=160)
+    model = prepared(config, rows=batch, seed=4, quantized=True)
+    step = native_step.bind(model)
+    assert step.quantized
+    tokens = [(13 * row + 2) % config.vocab_size for row in range(batch)]
+    positions = [3 + row % 10 for row in range(batch)]
+    before = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in model.model.layers]
+    expected = model.decode(torch.tensor(tokens), torch.tensor(positions), max(positions) + 1, ragged=True)
+    for layer, (k, v) in zip(model.model.layers, before):
+        layer.self_attn.cache.k.copy_(k)
+        layer.self_attn.cache.v.copy_(v)
+    # The fp32 weights zeroed under the step: it must read the int8 rows, not them.
+    for weight in [model.lm_head.weight] + [w for layer in model.model.layers for w in (
+            layer.self_attn.qkv_weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_weight,
+            layer.mlp.down_proj.weight)]:
+        weight.zero_()
+    native_logits = step(tokens[0], positions[0]) if batch == 1 else step.rows(tokens, positions)
+    torch.testing.assert_close(native_logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@native
+def test_every_path_gives_an_int8_model_the_same_tokens(caplog):
+    """The runner quantizes before it lays the weights out: torch's steps (native kernels off) and the native
+    step's, batched and alone, give the same greedy tokens, which are not the fp32 model's."""
+    config = tiny_config(max_position_embeddings=128)
+    fp32, _ = greedy_run_with(random_model(config, seed=9))
+    through_torch, torch_runner = greedy_run_with(random_model(config, seed=9), native_kernels=False, quant="int8")
+    assert torch_runner.native_step is None and "outputs are the int8 model's" in caplog.text
+    with caplog.at_level("INFO", logger="rivulet.engine"):
+        tokens, runner = greedy_run_with(random_model(config, seed=9), quant="int8")
+    assert runner.native_step.quantized and "MiB of int8 weights, read by the native decode step" in caplog.text
+    assert runner.native_step.batched_steps == 7 and runner.native_step.steps == 5
+    assert tokens == through_torch
+    assert tokens != fp32  # random weights, far from trained ones: int8 moves some greedy choices
+
+
+def test_an_unknown_quantization_is_refused():
+    with pytest.raises(ValueError, match="int4"):
+        greedy_run_with(random_model(tiny_config(), seed=9), quant="int4")
