@@ -299,50 +299,6 @@ typedef struct {
                                   layer's keys starts r * kv_heads * positions * dim floats past row 0 */
 } Model;
 
-/* y = W x, inside a parallel region: the output rows are shared out among the threads. */
-static void matvec_int8(const Matrix* w, const float* restrict x, float* restrict y);
-
-static void matvec(const Matrix* w, const float* restrict x, float* restrict y) {
-    if (w->quantized != NULL) {
-        matvec_int8(w, x, y);
-        return;
-    }
-    const int64_t rows = w->rows, cols = w->cols;
-    /* A dot product per row, four rows at a time (x is read once for four). */
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r += 4) {
-        const float* w0 = w->data + r * w->row_stride;
-        if (r + 4 <= rows) {
-            const float *w1 = w0 + w->row_stride, *w2 = w1 + w->row_stride, *w3 = w2 + w->row_stride;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-            for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-                __builtin_prefetch(w0 + c0 + PREFETCH_WEIGHTS);
-                __builtin_prefetch(w1 + c0 + PREFETCH_WEIGHTS);
-                __builtin_prefetch(w2 + c0 + PREFETCH_WEIGHTS);
-                __builtin_prefetch(w3 + c0 + PREFETCH_WEIGHTS);
-                const int64_t end = cols - c0 < 16 ? cols : c0 + 16;
-                #pragma omp simd reduction(+:a0, a1, a2, a3)
-                for (int64_t c = c0; c < end; c++) {
-                    a0 += w0[c] * x[c];
-                    a1 += w1[c] * x[c];
-                    a2 += w2[c] * x[c];
-                    a3 += w3[c] * x[c];
-                }
-            }
-            y[r] = a0; y[r + 1] = a1; y[r + 2] = a2; y[r + 3] = a3;
-        } else {
-            for (int64_t k = r; k < rows; k++) {
-                const float* wk = w->data + k * w->row_stride;
-                float a = 0.0f;
-                #pragma omp simd reduction(+:a)
-                for (int64_t c = 0; c < cols; c++) a += wk[c] * x[c];
-                y[k] = a;
-            }
-        }
-    }
-}
-
-
 /* Eight int8 weights widened to floats. With AVX2, one sign-extending load and one conversion: the only
    intrinsics here, because GCC turns the vector extension's conversion of eight bytes into eight scalar
    loads and inserts (measured: slower than reading fp32). Elsewhere the portable form. */
@@ -362,42 +318,61 @@ static inline __attribute__((always_inline)) float sum8(vec8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-/* matvec for a quantized weight: each row's dot product over its int8 weights, scaled once at the end.
-   Written with vectors, not `omp simd`: GCC vectorized the int8 loop 32 wide, through 16-bit steps and
-   register spills, slower than the fp32 rows it replaces. Four rows at a time, two accumulators each, so
-   eight independent multiply-add chains keep the FMA units busy while the int8 rows stream in. */
-static void matvec_int8(const Matrix* w, const float* restrict x, float* restrict y) {
-    const int64_t rows = w->rows, cols = w->cols, body = cols & ~(int64_t)15;
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r += 4) {
-        const int64_t count = rows - r < 4 ? rows - r : 4;
-        /* missing rows repeat the first (their sums are not stored) */
-        const int8_t* w0 = w->quantized + r * cols;
-        const int8_t* w1 = w0 + (count > 1) * cols;
-        const int8_t* w2 = w0 + (count > 2) * 2 * cols;
-        const int8_t* w3 = w0 + (count > 3) * 3 * cols;
-        const vec8 zero = {0};
-        vec8 a0 = zero, b0 = zero, a1 = zero, b1 = zero, a2 = zero, b2 = zero, a3 = zero, b3 = zero;
-        for (int64_t c = 0; c < body; c += 16) {
-            if ((c & 63) == 0) {  /* once per 64-byte line of each row, the same distance ahead as fp32's */
-                __builtin_prefetch(w0 + c + 4 * PREFETCH_WEIGHTS);
-                __builtin_prefetch(w1 + c + 4 * PREFETCH_WEIGHTS);
-                __builtin_prefetch(w2 + c + 4 * PREFETCH_WEIGHTS);
-                __builtin_prefetch(w3 + c + 4 * PREFETCH_WEIGHTS);
+/* y[r..r+3] = W[r..r+3] x (fewer where the matrix ends): four weight rows streamed at once, x read once for
+   the four, two vector accumulators a row so eight independent multiply-add chains keep the FMA units
+   busy while the rows stream in. `quantized` is a constant in each caller, so each kind of weight gets its
+   own loop: fp32 rows read as they lie, int8 rows widened eight at a time and scaled once at the end.
+   Written with vectors rather than `omp simd`: GCC made the `omp simd` reduction per block of columns
+   (vector sums spilled and reduced each block), and the int8 loop 32 wide through 16-bit steps. */
+static inline __attribute__((always_inline)) void four_rows(const Matrix* w, int64_t r, const float* restrict x,
+                                                            float* restrict y, const int quantized) {
+    const int64_t cols = w->cols, body = cols & ~(int64_t)15;
+    const int64_t count = w->rows - r < 4 ? w->rows - r : 4;
+    /* missing rows repeat the first (their sums are not stored); int8 rows lie `cols` apart */
+    const int64_t stride = quantized ? cols : w->row_stride;
+    const int64_t s1 = (count > 1) * stride, s2 = (count > 2) * 2 * stride, s3 = (count > 3) * 3 * stride;
+    const float* f0 = quantized ? NULL : w->data + r * stride;
+    const int8_t* q0 = quantized ? w->quantized + r * stride : NULL;
+    const vec8 zero = {0};
+    vec8 a0 = zero, b0 = zero, a1 = zero, b1 = zero, a2 = zero, b2 = zero, a3 = zero, b3 = zero;
+    for (int64_t c = 0; c < body; c += 16) {
+        const vec8 x0 = load8(x + c), x1 = load8(x + c + 8);
+        if (quantized) {
+            if ((c & 63) == 0) {  /* a 64-byte line of each row, as far ahead in bytes as fp32's */
+                const int8_t* ahead = q0 + c + 4 * PREFETCH_WEIGHTS;
+                __builtin_prefetch(ahead); __builtin_prefetch(ahead + s1);
+                __builtin_prefetch(ahead + s2); __builtin_prefetch(ahead + s3);
             }
-            const vec8 x0 = load8(x + c), x1 = load8(x + c + 8);
-            a0 += widen8(w0 + c) * x0; b0 += widen8(w0 + c + 8) * x1;
-            a1 += widen8(w1 + c) * x0; b1 += widen8(w1 + c + 8) * x1;
-            a2 += widen8(w2 + c) * x0; b2 += widen8(w2 + c + 8) * x1;
-            a3 += widen8(w3 + c) * x0; b3 += widen8(w3 + c + 8) * x1;
+            a0 += widen8(q0 + c) * x0; b0 += widen8(q0 + c + 8) * x1;
+            a1 += widen8(q0 + s1 + c) * x0; b1 += widen8(q0 + s1 + c + 8) * x1;
+            a2 += widen8(q0 + s2 + c) * x0; b2 += widen8(q0 + s2 + c + 8) * x1;
+            a3 += widen8(q0 + s3 + c) * x0; b3 += widen8(q0 + s3 + c + 8) * x1;
+        } else {
+            const float* ahead = f0 + c + PREFETCH_WEIGHTS;  /* 16 floats: one line of each row */
+            __builtin_prefetch(ahead); __builtin_prefetch(ahead + s1);
+            __builtin_prefetch(ahead + s2); __builtin_prefetch(ahead + s3);
+            a0 += load8(f0 + c) * x0; b0 += load8(f0 + c + 8) * x1;
+            a1 += load8(f0 + s1 + c) * x0; b1 += load8(f0 + s1 + c + 8) * x1;
+            a2 += load8(f0 + s2 + c) * x0; b2 += load8(f0 + s2 + c + 8) * x1;
+            a3 += load8(f0 + s3 + c) * x0; b3 += load8(f0 + s3 + c + 8) * x1;
         }
-        float s0 = sum8(a0 + b0), s1 = sum8(a1 + b1), s2 = sum8(a2 + b2), s3 = sum8(a3 + b3);
-        for (int64_t c = body; c < cols; c++) {
-            s0 += (float)w0[c] * x[c]; s1 += (float)w1[c] * x[c];
-            s2 += (float)w2[c] * x[c]; s3 += (float)w3[c] * x[c];
-        }
-        const float sums[4] = {s0, s1, s2, s3};
-        for (int64_t i = 0; i < count; i++) y[r + i] = sums[i] * w->scales[r + i];
+    }
+    float sums[4] = {sum8(a0 + b0), sum8(a1 + b1), sum8(a2 + b2), sum8(a3 + b3)};
+    const int64_t offsets[4] = {0, s1, s2, s3};
+    for (int64_t i = 0; i < count; i++)
+        for (int64_t c = body; c < cols; c++)
+            sums[i] += (quantized ? (float)q0[offsets[i] + c] : f0[offsets[i] + c]) * x[c];
+    for (int64_t i = 0; i < count; i++) y[r + i] = quantized ? sums[i] * w->scales[r + i] : sums[i];
+}
+
+/* y = W x, inside a parallel region: the output rows are shared out among the threads, four at a time. */
+static void matvec(const Matrix* w, const float* restrict x, float* restrict y) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < w->rows; r += 4) {
+        if (w->quantized != NULL)
+            four_rows(w, r, x, y, 1);
+        else
+            four_rows(w, r, x, y, 0);
     }
 }
 
