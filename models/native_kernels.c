@@ -318,51 +318,72 @@ static inline __attribute__((always_inline)) float sum8(vec8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+/* Weights c..c+7 of a row as floats: fp32 as they lie, int8 widened and times the row's scale, rounded
+   once: exactly the fp32 weight the quantized model's fp32 copy holds (models/quantize.py), so every
+   product over int8 rows gives the same bits as over that copy. */
+static inline __attribute__((always_inline)) vec8 weights8(const float* f, const int8_t* q, vec8 scale,
+                                                           int64_t c, const int quantized) {
+    return quantized ? widen8(q + c) * scale : load8(f + c);
+}
+
+static inline __attribute__((always_inline)) float weight1(const float* f, const int8_t* q, float scale,
+                                                           int64_t c, const int quantized) {
+    return quantized ? (float)q[c] * scale : f[c];
+}
+
+/* Prefetch the line `c` of a weight row will need a while on: as far ahead in bytes for int8 rows as for
+   fp32 ones, once per 64-byte line (16 floats, 64 int8). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const float* f, const int8_t* q, int64_t c,
+                                                                 const int quantized) {
+    if (!quantized)
+        __builtin_prefetch(f + c + PREFETCH_WEIGHTS);
+    else if ((c & 63) == 0)
+        __builtin_prefetch(q + c + 4 * PREFETCH_WEIGHTS);
+}
+
+/* Every product below sums an output over its inputs in one order: two vector accumulators, a over the
+   first eight of each 16 inputs and b over the second eight, then sum8(a + b), then the inputs past the
+   last multiple of 16 one by one, each a fused multiply-add written out (left to the compiler, the fp32
+   and int8 tails were fused differently). So a row's outputs are the same bits whether a one-row step
+   (four_rows) or a batch of at most FEW_ROWS (few_rows) computed them. */
+
 /* y[r..r+3] = W[r..r+3] x (fewer where the matrix ends): four weight rows streamed at once, x read once for
-   the four, two vector accumulators a row so eight independent multiply-add chains keep the FMA units
-   busy while the rows stream in. `quantized` is a constant in each caller, so each kind of weight gets its
-   own loop: fp32 rows read as they lie, int8 rows widened eight at a time and scaled once at the end.
-   Written with vectors rather than `omp simd`: GCC made the `omp simd` reduction per block of columns
-   (vector sums spilled and reduced each block), and the int8 loop 32 wide through 16-bit steps. */
+   the four, two accumulators a row so eight independent multiply-add chains keep the FMA units busy
+   while the rows stream in. `quantized` is a constant in each caller, so each kind of weight gets its own
+   loop. Written with vectors rather than `omp simd`: GCC made the `omp simd` reduction per block of
+   columns (vector sums spilled and reduced each block), and the int8 loop 32 wide through 16-bit steps. */
 static inline __attribute__((always_inline)) void four_rows(const Matrix* w, int64_t r, const float* restrict x,
                                                             float* restrict y, const int quantized) {
     const int64_t cols = w->cols, body = cols & ~(int64_t)15;
     const int64_t count = w->rows - r < 4 ? w->rows - r : 4;
-    /* missing rows repeat the first (their sums are not stored); int8 rows lie `cols` apart */
+    /* missing rows repeat the last (their sums are not stored); int8 rows lie `cols` apart */
     const int64_t stride = quantized ? cols : w->row_stride;
-    const int64_t s1 = (count > 1) * stride, s2 = (count > 2) * 2 * stride, s3 = (count > 3) * 3 * stride;
-    const float* f0 = quantized ? NULL : w->data + r * stride;
-    const int8_t* q0 = quantized ? w->quantized + r * stride : NULL;
+    const float* f[4];
+    const int8_t* q[4];
+    float scale[4];
+    for (int64_t i = 0; i < 4; i++) {
+        const int64_t row = r + (i < count ? i : count - 1);
+        f[i] = quantized ? NULL : w->data + row * stride;
+        q[i] = quantized ? w->quantized + row * stride : NULL;
+        scale[i] = quantized ? w->scales[row] : 1.0f;
+    }
+    const vec8 s0 = splat(scale[0]), s1 = splat(scale[1]), s2 = splat(scale[2]), s3 = splat(scale[3]);
     const vec8 zero = {0};
     vec8 a0 = zero, b0 = zero, a1 = zero, b1 = zero, a2 = zero, b2 = zero, a3 = zero, b3 = zero;
     for (int64_t c = 0; c < body; c += 16) {
+        prefetch_ahead(f[0], q[0], c, quantized); prefetch_ahead(f[1], q[1], c, quantized);
+        prefetch_ahead(f[2], q[2], c, quantized); prefetch_ahead(f[3], q[3], c, quantized);
         const vec8 x0 = load8(x + c), x1 = load8(x + c + 8);
-        if (quantized) {
-            if ((c & 63) == 0) {  /* a 64-byte line of each row, as far ahead in bytes as fp32's */
-                const int8_t* ahead = q0 + c + 4 * PREFETCH_WEIGHTS;
-                __builtin_prefetch(ahead); __builtin_prefetch(ahead + s1);
-                __builtin_prefetch(ahead + s2); __builtin_prefetch(ahead + s3);
-            }
-            a0 += widen8(q0 + c) * x0; b0 += widen8(q0 + c + 8) * x1;
-            a1 += widen8(q0 + s1 + c) * x0; b1 += widen8(q0 + s1 + c + 8) * x1;
-            a2 += widen8(q0 + s2 + c) * x0; b2 += widen8(q0 + s2 + c + 8) * x1;
-            a3 += widen8(q0 + s3 + c) * x0; b3 += widen8(q0 + s3 + c + 8) * x1;
-        } else {
-            const float* ahead = f0 + c + PREFETCH_WEIGHTS;  /* 16 floats: one line of each row */
-            __builtin_prefetch(ahead); __builtin_prefetch(ahead + s1);
-            __builtin_prefetch(ahead + s2); __builtin_prefetch(ahead + s3);
-            a0 += load8(f0 + c) * x0; b0 += load8(f0 + c + 8) * x1;
-            a1 += load8(f0 + s1 + c) * x0; b1 += load8(f0 + s1 + c + 8) * x1;
-            a2 += load8(f0 + s2 + c) * x0; b2 += load8(f0 + s2 + c + 8) * x1;
-            a3 += load8(f0 + s3 + c) * x0; b3 += load8(f0 + s3 + c + 8) * x1;
-        }
+        a0 += weights8(f[0], q[0], s0, c, quantized) * x0; b0 += weights8(f[0], q[0], s0, c + 8, quantized) * x1;
+        a1 += weights8(f[1], q[1], s1, c, quantized) * x0; b1 += weights8(f[1], q[1], s1, c + 8, quantized) * x1;
+        a2 += weights8(f[2], q[2], s2, c, quantized) * x0; b2 += weights8(f[2], q[2], s2, c + 8, quantized) * x1;
+        a3 += weights8(f[3], q[3], s3, c, quantized) * x0; b3 += weights8(f[3], q[3], s3, c + 8, quantized) * x1;
     }
     float sums[4] = {sum8(a0 + b0), sum8(a1 + b1), sum8(a2 + b2), sum8(a3 + b3)};
-    const int64_t offsets[4] = {0, s1, s2, s3};
-    for (int64_t i = 0; i < count; i++)
-        for (int64_t c = body; c < cols; c++)
-            sums[i] += (quantized ? (float)q0[offsets[i] + c] : f0[offsets[i] + c]) * x[c];
-    for (int64_t i = 0; i < count; i++) y[r + i] = quantized ? sums[i] * w->scales[r + i] : sums[i];
+    for (int64_t i = 0; i < count; i++) {
+        for (int64_t c = body; c < cols; c++) sums[i] = fmaf(weight1(f[i], q[i], scale[i], c, quantized), x[c], sums[i]);
+        y[r + i] = sums[i];
+    }
 }
 
 /* y = W x, inside a parallel region: the output rows are shared out among the threads, four at a time. */
@@ -614,14 +635,75 @@ static void multiply_rows(const Matrix* w, const float* restrict packed, int64_t
     }
 }
 
+#define FEW_ROWS 4  /* up to this many rows, a product reads each weight row once for all of them, unpacked */
+
+/* y[j][o] = (accumulate ? y[j][o] : 0) + W[o] x[j] for the `rows` (<= FEW_ROWS) rows of x, `x_stride`
+   floats apart, and every weight row o: one weight row at a time against every input row, two
+   accumulators each, in four_rows' order. The packed panels below would pad a few rows to 8 and multiply
+   the padding too (twice the arithmetic at 4 rows, which then bounded the step); here a few rows cost
+   what one does, the weights' reading. Inside a parallel region. */
+static inline __attribute__((always_inline)) void few_rows(
+    const Matrix* w, const float* restrict x, int64_t x_stride, const int64_t rows, float* restrict y,
+    int64_t y_stride, int accumulate, const int quantized)
+{
+    const int64_t cols = w->cols, body = cols & ~(int64_t)15;
+    const float* xs[FEW_ROWS];
+    for (int64_t j = 0; j < FEW_ROWS; j++) xs[j] = x + (j < rows ? j : 0) * x_stride;
+    #pragma omp for schedule(static)
+    for (int64_t o = 0; o < w->rows; o++) {
+        const float* f = quantized ? NULL : w->data + o * w->row_stride;
+        const int8_t* q = quantized ? w->quantized + o * cols : NULL;
+        const float scale = quantized ? w->scales[o] : 1.0f;
+        const vec8 s = splat(scale), zero = {0};
+        vec8 a[FEW_ROWS], b[FEW_ROWS];
+        for (int64_t j = 0; j < FEW_ROWS; j++) a[j] = b[j] = zero;
+        for (int64_t c = 0; c < body; c += 16) {
+            prefetch_ahead(f, q, c, quantized);
+            const vec8 wa = weights8(f, q, s, c, quantized), wb = weights8(f, q, s, c + 8, quantized);
+            for (int64_t j = 0; j < rows; j++) {  /* `rows` is a constant here: unrolled */
+                a[j] += wa * load8(xs[j] + c);
+                b[j] += wb * load8(xs[j] + c + 8);
+            }
+        }
+        for (int64_t j = 0; j < rows; j++) {
+            float sum = sum8(a[j] + b[j]);
+            for (int64_t c = body; c < cols; c++) sum = fmaf(weight1(f, q, scale, c, quantized), xs[j][c], sum);
+            float* target = y + j * y_stride + o;
+            *target = accumulate ? *target + sum : sum;
+        }
+    }
+}
+
+/* few_rows with its row count and weight kind as constants, so each loop is unrolled for them. */
+static void multiply_few(const Matrix* w, const float* restrict x, int64_t x_stride, int64_t rows,
+                         float* restrict y, int64_t y_stride, int accumulate) {
+#define FEW_CASE(n) case n: \
+        if (w->quantized != NULL) few_rows(w, x, x_stride, n, y, y_stride, accumulate, 1); \
+        else few_rows(w, x, x_stride, n, y, y_stride, accumulate, 0); \
+        break;
+    switch (rows) { FEW_CASE(1) FEW_CASE(2) FEW_CASE(3) FEW_CASE(4) }
+#undef FEW_CASE
+}
+
+/* y [rows, w->rows] (+)= x [rows, w->cols] W^T, x's rows x_stride apart: a few rows unpacked, more packed
+   into `packed` and multiplied tile by panel. Inside a parallel region. */
+static void product(const Matrix* w, const float* restrict x, int64_t x_stride, int64_t rows,
+                    float* restrict packed, float* restrict y, int64_t y_stride, int accumulate) {
+    if (rows <= FEW_ROWS) {
+        multiply_few(w, x, x_stride, rows, y, y_stride, accumulate);
+        return;
+    }
+    pack_rows(x, rows, w->cols, x_stride, packed);
+    multiply_rows(w, packed, rows, y, y_stride, accumulate);
+}
+
 /* y [rows, w->rows] = x [rows, w->cols] W^T, x and y contiguous; `packed`: packed_size(rows, cols) floats.
    The product of the batched step on its own, for tests and benchmarks. Returns 0, or -1 for no rows. */
 int multiply_rows_by(const Matrix* w, const float* x, int64_t rows, float* y, float* packed, int threads) {
     if (rows <= 0 || w->rows <= 0 || w->cols <= 0) return -1;
     #pragma omp parallel num_threads(threads)
     {
-        pack_rows(x, rows, w->cols, w->cols, packed);
-        multiply_rows(w, packed, rows, y, w->rows, 0);
+        product(w, x, w->cols, rows, packed, y, w->rows, 0);
     }
     return 0;
 }
@@ -671,8 +753,7 @@ int decode_rows(const Model* m, const int64_t* tokens, const int64_t* positions,
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 rms_norm(x + r * hidden, layer->input_norm, normed + r * hidden, hidden, m->eps);
-            pack_rows(normed, rows, hidden, hidden, packed);
-            multiply_rows(&layer->qkv, packed, rows, qkv, qkv_rows, 0);
+            product(&layer->qkv, normed, hidden, rows, packed, qkv, qkv_rows, 0);
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 float* q = qkv + r * qkv_rows;
@@ -697,13 +778,11 @@ int decode_rows(const Model* m, const int64_t* tokens, const int64_t* positions,
                 float* out = attended + (r * heads + h * group) * dim;
                 attend(query, keys, values, out, length, group, dim, dim, dim, scale);
             }
-            pack_rows(attended, rows, heads * dim, heads * dim, packed);
-            multiply_rows(&layer->o, packed, rows, x, hidden, 1);  /* the residual add, in place */
+            product(&layer->o, attended, heads * dim, rows, packed, x, hidden, 1);  /* the residual add, in place */
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 rms_norm(x + r * hidden, layer->post_norm, normed + r * hidden, hidden, m->eps);
-            pack_rows(normed, rows, hidden, hidden, packed);
-            multiply_rows(&layer->gate_up, packed, rows, gate_up, 2 * intermediate, 0);
+            product(&layer->gate_up, normed, hidden, rows, packed, gate_up, 2 * intermediate, 0);
             #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 const float* g = gate_up + r * 2 * intermediate;
@@ -711,14 +790,12 @@ int decode_rows(const Model* m, const int64_t* tokens, const int64_t* positions,
                 for (int64_t i = 0; i < intermediate; i++)
                     a[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
             }
-            pack_rows(act, rows, intermediate, intermediate, packed);
-            multiply_rows(&layer->down, packed, rows, x, hidden, 1);
+            product(&layer->down, act, intermediate, rows, packed, x, hidden, 1);
         }
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             rms_norm(x + r * hidden, m->final_norm, normed + r * hidden, hidden, m->eps);
-        pack_rows(normed, rows, hidden, hidden, packed);
-        multiply_rows(&m->lm_head, packed, rows, logits, m->vocab, 0);
+        product(&m->lm_head, normed, hidden, rows, packed, logits, m->vocab, 0);
     }
     return 0;
 }

@@ -55,15 +55,28 @@ def test_a_step_gives_the_logits_and_cache_writes_of_the_torch_step(name, batch)
     assert step.batched_steps == 1
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("batch", [2, 3, 4])
 @torch.inference_mode()
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+def test_up_to_four_rows_each_row_gets_the_bits_of_a_one_row_step(batch, quantized):
+    """A few rows' products read each weight row once for all of them, summing each output in the one-row
+    step's order: cache row 0's logits are the same bits beside 1-3 other rows as alone."""
+    model = prepared(tiny_config(hidden_size=80), rows=batch, quantized=quantized)  # 80: a 16-wide body, a tail
+    step = native_step.bind(model)
+    few = step.rows([7] + list(range(30, 29 + batch)), [3] + [5] * (batch - 1))
+    alone = step(7, 3)
+    assert torch.equal(few[0], alone[0])
+
+
+@torch.inference_mode()
+def test_past_four_rows_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """Each output is summed in the same order whatever the batch: the same row gives the same bits
-    alone-in-a-panel or beside 20 others with other tokens."""
+    beside 4 others or beside 20 others with other tokens (panels of 8 and of 16)."""
     model = prepared(tiny_config(), rows=21)
     step = native_step.bind(model)
-    few = step.rows([7, 8], [3, 4])
+    five = step.rows([7, 8, 9, 10, 11], [3, 4, 4, 4, 4])
     many = step.rows([7, 99] + list(range(30, 49)), [3, 9] + [5] * 19)
-    assert torch.equal(few[0], many[0])
+    assert torch.equal(five[0], many[0])
 
 
 @torch.inference_mode()

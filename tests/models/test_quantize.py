@@ -101,6 +101,31 @@ def test_the_native_step_reads_the_int8_rows_and_gives_torchs_logits(batch):
 
 
 @native
+@pytest.mark.parametrize("batch", [1, 3, 9])
+@torch.inference_mode()
+def test_a_native_int8_step_is_the_native_fp32_step_over_the_dequantized_weights(batch):
+    """Every product widens an int8 weight and scales it before its multiply-add, as the fp32 copy holds
+    it: the whole step gives the same bits as the fp32 step over that copy."""
+    model = prepared(tiny_config(hidden_size=80, intermediate_size=200), rows=batch, seed=6, quantized=True)
+    int8_step = native_step.bind(model)
+    tokens, positions = [(11 * row + 3) % 64 for row in range(batch)], [4 + row % 10 for row in range(batch)]
+    caches = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in model.model.layers]
+    quantized = int8_step(tokens[0], positions[0]) if batch == 1 else int8_step.rows(tokens, positions)
+    for layer, (k, v) in zip(model.model.layers, caches):
+        layer.self_attn.cache.k.copy_(k)
+        layer.self_attn.cache.v.copy_(v)
+    for module in [model.lm_head] + [m for layer in model.model.layers for m in (
+            layer.self_attn.o_proj, layer.mlp.down_proj)]:
+        module.int8 = None
+    for layer in model.model.layers:
+        layer.self_attn.qkv_int8 = layer.mlp.gate_up_int8 = None
+    fp32_step = native_step.bind(model)
+    assert int8_step.quantized and not fp32_step.quantized
+    dequantized = fp32_step(tokens[0], positions[0]) if batch == 1 else fp32_step.rows(tokens, positions)
+    assert torch.equal(quantized, dequantized)
+
+
+@native
 def test_every_path_gives_an_int8_model_the_same_tokens(caplog):
     """The runner quantizes before it lays the weights out: torch's steps (native kernels off) and the native
     step's, batched and alone, give the same greedy tokens, which are not the fp32 model's."""
