@@ -635,18 +635,23 @@ static void multiply_rows(const Matrix* w, const float* restrict packed, int64_t
     }
 }
 
-#define FEW_ROWS 4  /* up to this many rows, a product reads each weight row once for all of them, unpacked */
+#define FEW_ROWS 8  /* up to this many rows, a product reads each weight row once for all of them, unpacked */
+#define SEGMENT 512  /* columns of a weight row multiplied by each group of four rows in turn, from L1 */
 
 /* y[j][o] = (accumulate ? y[j][o] : 0) + W[o] x[j] for the `rows` (<= FEW_ROWS) rows of x, `x_stride`
    floats apart, and every weight row o: one weight row at a time against every input row, two
    accumulators each, in four_rows' order. The packed panels below would pad a few rows to 8 and multiply
-   the padding too (twice the arithmetic at 4 rows, which then bounded the step); here a few rows cost
-   what one does, the weights' reading. Inside a parallel region. */
+   the padding too (twice the arithmetic at 4 rows, which then bounded the step), and a lone panel's tile
+   streams its weight rows side by side; here a few rows cost what one does, the weights' reading. Past
+   four rows the accumulators do not all fit in registers: the weight row is taken a segment at a time,
+   each group of four rows multiplying it in turn while it is in L1, their sums carried across segments
+   (so each output is still summed in the same order). Inside a parallel region. */
 static inline __attribute__((always_inline)) void few_rows(
     const Matrix* w, const float* restrict x, int64_t x_stride, const int64_t rows, float* restrict y,
     int64_t y_stride, int accumulate, const int quantized)
 {
     const int64_t cols = w->cols, body = cols & ~(int64_t)15;
+    const int64_t segment = rows <= 4 ? (body > 0 ? body : 16) : SEGMENT;
     const float* xs[FEW_ROWS];
     for (int64_t j = 0; j < FEW_ROWS; j++) xs[j] = x + (j < rows ? j : 0) * x_stride;
     #pragma omp for schedule(static)
@@ -657,12 +662,28 @@ static inline __attribute__((always_inline)) void few_rows(
         const vec8 s = splat(scale), zero = {0};
         vec8 a[FEW_ROWS], b[FEW_ROWS];
         for (int64_t j = 0; j < FEW_ROWS; j++) a[j] = b[j] = zero;
-        for (int64_t c = 0; c < body; c += 16) {
-            prefetch_ahead(f, q, c, quantized);
-            const vec8 wa = weights8(f, q, s, c, quantized), wb = weights8(f, q, s, c + 8, quantized);
-            for (int64_t j = 0; j < rows; j++) {  /* `rows` is a constant here: unrolled */
-                a[j] += wa * load8(xs[j] + c);
-                b[j] += wb * load8(xs[j] + c + 8);
+        for (int64_t start = 0; start < body; start += segment) {
+            const int64_t end = body - start < segment ? body : start + segment;
+            for (int64_t g = 0; g < rows; g += 4) {  /* `rows` is a constant here: unrolled */
+                const int64_t n = rows - g < 4 ? rows - g : 4;
+                vec8 a0 = a[g], b0 = b[g];
+                vec8 a1 = n > 1 ? a[g + 1] : zero, b1 = n > 1 ? b[g + 1] : zero;
+                vec8 a2 = n > 2 ? a[g + 2] : zero, b2 = n > 2 ? b[g + 2] : zero;
+                vec8 a3 = n > 3 ? a[g + 3] : zero, b3 = n > 3 ? b[g + 3] : zero;
+                const float *x0 = xs[g], *x1 = xs[n > 1 ? g + 1 : g];
+                const float *x2 = xs[n > 2 ? g + 2 : g], *x3 = xs[n > 3 ? g + 3 : g];
+                for (int64_t c = start; c < end; c += 16) {
+                    if (g == 0) prefetch_ahead(f, q, c, quantized);
+                    const vec8 wa = weights8(f, q, s, c, quantized), wb = weights8(f, q, s, c + 8, quantized);
+                    a0 += wa * load8(x0 + c); b0 += wb * load8(x0 + c + 8);
+                    if (n > 1) { a1 += wa * load8(x1 + c); b1 += wb * load8(x1 + c + 8); }
+                    if (n > 2) { a2 += wa * load8(x2 + c); b2 += wb * load8(x2 + c + 8); }
+                    if (n > 3) { a3 += wa * load8(x3 + c); b3 += wb * load8(x3 + c + 8); }
+                }
+                a[g] = a0; b[g] = b0;
+                if (n > 1) { a[g + 1] = a1; b[g + 1] = b1; }
+                if (n > 2) { a[g + 2] = a2; b[g + 2] = b2; }
+                if (n > 3) { a[g + 3] = a3; b[g + 3] = b3; }
             }
         }
         for (int64_t j = 0; j < rows; j++) {
@@ -681,7 +702,7 @@ static void multiply_few(const Matrix* w, const float* restrict x, int64_t x_str
         if (w->quantized != NULL) few_rows(w, x, x_stride, n, y, y_stride, accumulate, 1); \
         else few_rows(w, x, x_stride, n, y, y_stride, accumulate, 0); \
         break;
-    switch (rows) { FEW_CASE(1) FEW_CASE(2) FEW_CASE(3) FEW_CASE(4) }
+    switch (rows) { FEW_CASE(1) FEW_CASE(2) FEW_CASE(3) FEW_CASE(4) FEW_CASE(5) FEW_CASE(6) FEW_CASE(7) FEW_CASE(8) }
 #undef FEW_CASE
 }
 

@@ -11,9 +11,9 @@ With more rows a step is arithmetic-bound, and torch's kernels reach about half 
 do on these shapes, with ~200 small operators around them. ``rows`` runs the whole batched step in one
 call too: the rows packed in panels of 16 and multiplied by each weight as it is loaded (each weight read
 once a step), norms, rotary, the cache writes and each row's attention over its own keys in between
-(bench/README.md section 16). Up to four rows are not packed: each weight row is read once and multiplied
-by every row as the one-row step multiplies it, so those steps cost about what one row's does, and each
-row's logits are the same bits as if it had stepped alone (section 17).
+(bench/README.md section 16). Up to eight rows are not packed: each weight row is read once and
+multiplied by every row as the one-row step multiplies it, so two to four rows cost about what one row
+does, and each row's logits are the same bits as if it had stepped alone (section 17).
 
 With RIVULET_QUANT=int8 (models/quantize.py) its products read the int8 rows kept beside each weight: one
 row's step streams a quarter of the bytes; a batch's widens each tile of int8 rows to floats once, in L1,

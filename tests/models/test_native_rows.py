@@ -56,12 +56,13 @@ def test_a_step_gives_the_logits_and_cache_writes_of_the_torch_step(name, batch)
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("batch", [2, 3, 4])
+@pytest.mark.parametrize("batch", [2, 3, 4, 5, 8])  # one group of four rows; two (the second partial, full)
 @torch.inference_mode()
-def test_up_to_four_rows_each_row_gets_the_bits_of_a_one_row_step(batch, quantized):
+def test_up_to_eight_rows_each_row_gets_the_bits_of_a_one_row_step(batch, quantized):
     """A few rows' products read each weight row once for all of them, summing each output in the one-row
-    step's order: cache row 0's logits are the same bits beside 1-3 other rows as alone."""
-    model = prepared(tiny_config(hidden_size=80), rows=batch, quantized=quantized)  # 80: a 16-wide body, a tail
+    step's order: cache row 0's logits are the same bits beside 1-7 other rows as alone."""
+    # 80 inputs: a 16-wide body and a tail; 1100 (the MLP's down): past one segment of 512
+    model = prepared(tiny_config(hidden_size=80, intermediate_size=1100), rows=batch, quantized=quantized)
     step = native_step.bind(model)
     few = step.rows([7] + list(range(30, 29 + batch)), [3] + [5] * (batch - 1))
     alone = step(7, 3)
@@ -69,14 +70,14 @@ def test_up_to_four_rows_each_row_gets_the_bits_of_a_one_row_step(batch, quantiz
 
 
 @torch.inference_mode()
-def test_past_four_rows_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    """Each output is summed in the same order whatever the batch: the same row gives the same bits
-    beside 4 others or beside 20 others with other tokens (panels of 8 and of 16)."""
-    model = prepared(tiny_config(), rows=21)
+def test_past_eight_rows_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Packed, each output is summed in the same order whatever the batch: the same row gives the same bits
+    beside 8 others or beside 20 others with other tokens (panels of 16 and 8, of 16, 16 and 8)."""
+    model = prepared(tiny_config(), rows=25)
     step = native_step.bind(model)
-    five = step.rows([7, 8, 9, 10, 11], [3, 4, 4, 4, 4])
-    many = step.rows([7, 99] + list(range(30, 49)), [3, 9] + [5] * 19)
-    assert torch.equal(five[0], many[0])
+    nine = step.rows([7] + list(range(8, 16)), [3] + [4] * 8)
+    many = step.rows([7, 99] + list(range(30, 53)), [3, 9] + [5] * 23)
+    assert torch.equal(nine[0], many[0])
 
 
 @torch.inference_mode()
