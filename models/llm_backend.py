@@ -16,6 +16,7 @@ from models.cuda_graphs import SPARE_POSITIONS, graphs_apply
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
 from models.outputs import Failed, Output, Sampled
+from models.quantize import int8_bytes
 from models.runner import LlamaRunner, StepResult
 from models.scheduler import Batch, Ticket
 from models.sequence import Sequence
@@ -87,6 +88,8 @@ class LlamaBackend:
         pack = self.device.type == "cpu" and self.packed_weights and packing_pays(model, free)
         if pack and free is not None:  # the copy is made after the cache: leave it its room
             free -= projection_bytes(model)
+        if self.quant == "int8" and free is not None:  # and the int8 rows (models/quantize.py) theirs
+            free -= int8_bytes(model)
         # With CUDA graphs every cache row holds a spare position, where the graphs' padding rows write.
         spare = SPARE_POSITIONS if graphs_apply(self.device, self.cuda_graphs) else 0
         batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free, spare)

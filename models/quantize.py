@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from models.llama import Llama
 
@@ -50,6 +51,12 @@ def quantize_rows(weight: torch.Tensor) -> Int8Rows:
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     values = torch.round(weight / safe.unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return Int8Rows(values.contiguous(), scales.contiguous())
+
+
+def int8_bytes(model: nn.Module) -> int:
+    """Bytes ``quantize_model`` adds to ``model``: an int8 per projection weight (the LM head's included) and
+    an fp32 scale per row, counted before it runs so that the KV cache is sized around them."""
+    return sum(m.weight.numel() + 4 * m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Linear))
 
 
 @torch.no_grad()

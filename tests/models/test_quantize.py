@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import native_build, native_step
-from models.quantize import INT8_MAX, Int8Rows, quantize_model, quantize_rows
+from models.quantize import INT8_MAX, Int8Rows, int8_bytes, quantize_model, quantize_rows
 from tests.models.support import greedy_run_with, native_product, prepared, random_model, tiny_config
 
 native = pytest.mark.skipif(native_build.load() is None, reason="no C compiler for the native kernels")
@@ -144,3 +144,24 @@ def test_every_path_gives_an_int8_model_the_same_tokens(caplog):
 def test_an_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="int4"):
         greedy_run_with(random_model(tiny_config(), seed=9), quant="int4")
+
+
+def test_the_kv_cache_is_sized_around_the_int8_rows(tiny_checkpoint, monkeypatch):
+    """The int8 rows are made after the free memory is read: the cache must leave them their room."""
+    from models import llm_backend, memory
+    from models.checkpoint import load_model
+    from models.memory import kv_cache_bytes
+
+    per_row = kv_cache_bytes(tiny_config(), 1, 128, torch.float32)
+    made = int8_bytes(load_model(tiny_checkpoint, torch.device("cpu")))
+    assert made > 0
+    # Room for exactly two rows' cache plus half the int8 rows: two rows without them, one with.
+    free = int(2 * per_row / memory.CACHE_SHARE) + made // 2
+    monkeypatch.setattr(llm_backend, "free_bytes", lambda device: free)
+    batches = {}
+    for quant in ("none", "int8"):
+        backend = llm_backend.LlamaBackend(tiny_checkpoint, torch.device("cpu"), max_batch=4, packed_weights=False,
+                                           quant=quant)
+        backend.load()
+        batches[quant] = backend.runner.max_batch
+    assert batches == {"none": 2, "int8": 1}
