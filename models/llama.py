@@ -40,16 +40,21 @@ class Linear(nn.Linear):
 
     ``packed``: on a CPU, a copy of the weight for the rows that multiply faster through it
     (models/cpu_weights.py); None elsewhere. ``int8``: the weight's int8 rows where RIVULET_QUANT=int8
-    (models/quantize.py), read by the native decode step; None elsewhere."""
+    (models/quantize.py), read by the native decode step; None elsewhere. ``int8_product``: where the
+    native step serves an int8 model, the weight is released and every product reads the int8 rows
+    (``native_step.keep_only_int8``)."""
 
     packed: torch.Tensor | None = None
     int8 = None  # models.quantize.Int8Rows | None
+    int8_product = None  # models.native_step.Int8Product where only the int8 rows are kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_product is not None:
+            return self.int8_product(x)
+        return cpu_weights.linear(x, self.weight, self.packed)
 
     def reset_parameters(self) -> None:
         pass
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_weights.linear(x, self.weight, self.packed)
 
 
 class Embedding(nn.Embedding):
@@ -208,6 +213,7 @@ class Attention(nn.Module):
         # oneDNN's opaque layout, which export cannot trace: an attribute, left out of exported steps.
         self.qkv_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
         self.qkv_int8 = None  # models.quantize.Int8Rows of qkv_weight, set by quantize_model()
+        self.qkv_product = None  # its native product where only the int8 rows are kept (native_step.keep_only_int8)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -225,12 +231,13 @@ class Attention(nn.Module):
         """Queries and keys (rotated) and values of ``x`` [B, T, hidden]. -> [B, H|KV, T, D] each"""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_weight is None:
+        if self.qkv_weight is None and self.qkv_product is None:
             q = self.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, D]
             k = self.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # [B, KV, T, D]
             v = self.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2)
             return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-        qkv = cpu_weights.linear(x, self.qkv_weight, self.qkv_packed)
+        qkv = (self.qkv_product(x) if self.qkv_product is not None
+               else cpu_weights.linear(x, self.qkv_weight, self.qkv_packed))
         qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
         qk = apply_rotary(qkv[:, :, :heads + kv_heads].transpose(1, 2), cos, sin)  # [B, H+KV, T, D]
         return qk[:, :heads], qk[:, heads:], qkv[:, :, heads + kv_heads:].transpose(1, 2)
@@ -310,6 +317,7 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse(), as Attention's
         self.gate_up_packed: torch.Tensor | None = None  # set by lay_out_for_cpu()
         self.gate_up_int8 = None  # models.quantize.Int8Rows of gate_up_weight, set by quantize_model()
+        self.gate_up_product = None  # as Attention's qkv_product
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -323,9 +331,11 @@ class MLP(nn.Module):
         lay_out_linear(self.down_proj, pack, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is None:
+        if self.gate_up_weight is None and self.gate_up_product is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = cpu_weights.linear(x, self.gate_up_weight, self.gate_up_packed).chunk(2, dim=-1)
+        gate_up = (self.gate_up_product(x) if self.gate_up_product is not None
+                   else cpu_weights.linear(x, self.gate_up_weight, self.gate_up_packed))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -85,7 +85,9 @@ class LlamaBackend:
         model = load_model(self.directory, self.device)
         dtype = model.lm_head.weight.dtype
         free = free_bytes(self.device)
-        pack = self.device.type == "cpu" and self.packed_weights and packing_pays(model, free)
+        # With int8 on a CPU the fp32 weights are released, not packed (models/native_step.py's keep_only_int8).
+        pack = (self.device.type == "cpu" and self.packed_weights and self.quant != "int8"
+                and packing_pays(model, free))
         if pack and free is not None:  # the copy is made after the cache: leave it its room
             free -= projection_bytes(model)
         if self.quant == "int8" and free is not None:  # and the int8 rows (models/quantize.py) theirs

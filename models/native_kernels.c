@@ -612,13 +612,10 @@ static void multiply_rows(const Matrix* w, const float* restrict packed, int64_t
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t first = t * TILE_ROWS;
         const int64_t tile_rows = w->rows - first < TILE_ROWS ? w->rows - first : TILE_ROWS;
-        const float* tile = w->data + first * w->row_stride;
-        int64_t tile_stride = w->row_stride;
-        if (widened != NULL) {
-            widen_rows(w, first, tile_rows, widened);
-            tile = widened;
-            tile_stride = cols;
-        }
+        /* a quantized weight's `data` may be NULL (models/native_step.py's Int8Product): never read */
+        const float* tile = widened != NULL ? widened : w->data + first * w->row_stride;
+        const int64_t tile_stride = widened != NULL ? cols : w->row_stride;
+        if (widened != NULL) widen_rows(w, first, tile_rows, widened);
         for (int64_t p = 0; p < panels; p++) {
             float out[TILE_ROWS][PANEL];
             const int64_t width = panel_width(p, rows);

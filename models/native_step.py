@@ -31,6 +31,7 @@ import ctypes
 import logging
 
 import torch
+from torch import nn
 
 from models import native_build
 from models.llama import Llama
@@ -43,8 +44,8 @@ _i64, _f32, _float_p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Matrix(ctypes.Structure):
-    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64), ("quantized", _float_p),
-                ("scales", _float_p)]
+    _fields_ = [("data", _float_p), ("rows", _i64), ("cols", _i64), ("row_stride", _i64),
+                ("quantized", ctypes.c_void_p), ("scales", _float_p)]  # int8 rows and their scales, or NULL
 
 
 class _Layer(ctypes.Structure):
@@ -174,26 +175,112 @@ class NativeStep:
     def _matrix(self, weight: torch.Tensor, shape: tuple[int, int], int8: Int8Rows | None = None) -> _Matrix:
         """A weight [out, in] of ``shape`` (the C step sizes its buffers by the config) in its loaded layout,
         each row contiguous: what the runner lays out where this step serves (models/cpu_weights.py). With
-        ``int8`` (RIVULET_QUANT=int8) the products read its rows (contiguous) instead of the weight's."""
+        ``int8`` (RIVULET_QUANT=int8) the products read its rows (contiguous) and never the weight."""
+        if int8 is not None:  # the fp32 weight is not read, and may have been released (keep_only_int8)
+            matrix = _int8_matrix(int8, shape)
+            self._held.append(int8.values)
+            self._vector(int8.scales)
+            return matrix
         rows, cols = weight.shape
         if (rows, cols) != shape:
             raise ValueError(f"native decode step: a weight of shape {(rows, cols)} where {shape} was expected")
         if weight.stride(1) != 1:
             raise ValueError(f"native decode step: a weight whose rows are not contiguous (strides {weight.stride()})")
-        matrix = _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
-        if int8 is not None:
-            if tuple(int8.values.shape) != shape or not int8.values.is_contiguous() or int8.scales.shape != (rows,):
-                raise ValueError(f"native decode step: int8 rows of shape {tuple(int8.values.shape)} where {shape} "
-                                 "(contiguous) was expected")
-            matrix.quantized = self._hold(int8.values, torch.int8)
-            matrix.scales = self._vector(int8.scales)
-        return matrix
+        return _Matrix(self._hold(weight.detach()), rows, cols, weight.stride(0))
 
     def _cache(self, cache: torch.Tensor) -> int:
         """A layer's cache [rows, KV, positions, D], contiguous."""
         if not cache.is_contiguous():
             raise ValueError("native decode step: a KV cache with gaps")
         return self._hold(cache)
+
+
+def _int8_matrix(int8: Int8Rows, shape: tuple[int, ...]) -> _Matrix:
+    """int8 rows of ``shape`` as the C products' Matrix, with no fp32 data."""
+    values, scales = int8.values, int8.scales
+    rows, cols = shape
+    if (tuple(values.shape) != tuple(shape) or values.dtype != torch.int8 or not values.is_contiguous()
+            or tuple(scales.shape) != (rows,) or scales.dtype != torch.float32 or not scales.is_contiguous()
+            or values.device.type != "cpu" or scales.device.type != "cpu"):
+        raise ValueError(f"native decode step: int8 rows of shape {tuple(values.shape)} where {tuple(shape)} "
+                         "(contiguous, on the CPU) was expected")
+    return _Matrix(None, rows, cols, cols, values.data_ptr(), scales.data_ptr())
+
+
+class Int8Product:
+    """``x @ W.T`` for a weight kept only as int8 rows: the native step's own product (``multiply_rows_by``:
+    a few rows unpacked, more in packed panels), for prefill and the steps torch runs where the fp32 weight
+    has been released (``keep_only_int8``). Any number of rows; the GIL is released while it runs."""
+
+    def __init__(self, int8: Int8Rows, library: ctypes.CDLL) -> None:
+        self._multiply = library.multiply_rows_by
+        self._multiply.restype = ctypes.c_int
+        self._multiply.argtypes = [ctypes.POINTER(_Matrix), _float_p, _i64, _float_p, _float_p, ctypes.c_int]
+        self._scratch = library.multiply_rows_scratch
+        self._scratch.restype = _i64
+        self._scratch.argtypes = [_i64, _i64]
+        self.int8 = int8  # held: the product reads its memory
+        self.out_features, self.in_features = int8.values.shape
+        self._matrix = _int8_matrix(int8, tuple(int8.values.shape))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(f"int8 product: {self.in_features} fp32 inputs on the CPU expected, not {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        rows = flat.shape[0]
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        if rows > 0:
+            packed = torch.empty(self._scratch(rows, self.in_features), dtype=torch.float32)
+            status = self._multiply(ctypes.byref(self._matrix), flat.data_ptr(), rows, y.data_ptr(),
+                                    packed.data_ptr(), torch.get_num_threads())
+            if status != 0:
+                raise ValueError(f"int8 product: {rows} rows refused")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _released() -> nn.Parameter:
+    """What a released weight becomes: no memory, and still fp32 on the CPU for those that ask its dtype."""
+    return nn.Parameter(torch.empty(0), requires_grad=False)
+
+
+@torch.no_grad()
+def keep_only_int8(model: Llama, library: ctypes.CDLL) -> int:
+    """Where the native step serves a model quantized by ``quantize_model``: every product goes through the
+    int8 rows (``Int8Product`` for prefill and torch's steps, the native step's own), and the fp32 projection
+    weights and packed copies are released. A head tied to the embeddings keeps its fp32 matrix, which the
+    embedding reads. The values are those the fp32 copy held, and the products the native step's own, so
+    the outputs are unchanged. -> bytes released"""
+    released = 0
+
+    def release(*tensors: torch.Tensor | None) -> None:
+        nonlocal released
+        released += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.qkv_product = Int8Product(attention.qkv_int8, library)
+        release(attention.qkv_weight, attention.qkv_packed)
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+            linear.weight = _released()
+        attention.qkv_weight, attention.qkv_packed = torch.empty(0), None
+        mlp.gate_up_product = Int8Product(mlp.gate_up_int8, library)
+        release(mlp.gate_up_weight, mlp.gate_up_packed)
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            linear.weight = _released()
+        mlp.gate_up_weight, mlp.gate_up_packed = torch.empty(0), None
+        for linear in (attention.o_proj, mlp.down_proj):
+            linear.int8_product = Int8Product(linear.int8, library)
+            release(linear.weight, linear.packed)
+            linear.weight, linear.packed = _released(), None
+    head = model.lm_head
+    head.int8_product = Int8Product(head.int8, library)
+    release(head.packed)
+    head.packed = None
+    if not model.config.tie_word_embeddings:
+        release(head.weight)
+        head.weight = _released()
+    return released
 
 
 def bind(model: Llama) -> NativeStep | None:

@@ -2,12 +2,13 @@
 fp32 scale per output row.
 
 A one-stream decode step on a CPU reads every weight once and waits on memory for it (bench/README.md
-section 16): int8 weights are a quarter of fp32's bytes. The native step (models/native_step.py) reads the
-int8 rows themselves. Every other path (prefill, steps that carry a prompt's chunk, torch's own decode
-where the native step does not serve) multiplies by the fp32 weights, which are overwritten with the int8
-values times their scales: every path computes with the same weights, so a stream's tokens do not depend
-on which kernel served its step. The fp32 weights stay for those paths: this setting buys decode speed,
-not memory (the int8 rows add a quarter of the weights' bytes).
+section 16): int8 weights are a quarter of fp32's bytes. ``quantize_model`` makes the int8 rows and
+overwrites the fp32 weights with what they stand for (each int8 times its scale). Where the native step
+(models/native_step.py) serves, every product then reads the int8 rows, its own and those of prefill
+and torch's steps (``native_step.keep_only_int8``), and the fp32 weights are released. Elsewhere (a GPU,
+native kernels off) torch multiplies the overwritten weights: the outputs are the int8 model's, the
+speed and memory are not. Either way every path computes with the same weights, so a stream's tokens do
+not depend on which kernel served its step.
 
 Symmetric per-row scales (``max |w| / 127``), as weight-only int8 in torchao and TensorRT-LLM: no zero
 point, so a product is ``scale * sum(q * x)``. The token embedding keeps fp32 (a step reads one row of it),
@@ -15,15 +16,13 @@ unless the LM head is tied to it: then both are the quantized matrix.
 """
 from __future__ import annotations
 
-import logging
+import ctypes
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from models.llama import Llama
-
-log = logging.getLogger("rivulet.engine")
 
 QUANT_MODES = ("none", "int8")
 INT8_MAX = 127  # symmetric: -127..127, so negating a weight never overflows
@@ -51,6 +50,16 @@ def quantize_rows(weight: torch.Tensor) -> Int8Rows:
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     values = torch.round(weight / safe.unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return Int8Rows(values.contiguous(), scales.contiguous())
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed by quantizing (its temporaries, the released fp32 weights) back to the system.
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB) in the process for reuse, so a
+    quantized model of small matrices would otherwise keep its fp32 size in RSS. Elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def int8_bytes(model: nn.Module) -> int:

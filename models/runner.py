@@ -28,7 +28,7 @@ from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
 from models.llama import Llama
 from models.prompt_checks import prompt_error
-from models.quantize import QUANT_MODES, quantize_model
+from models.quantize import QUANT_MODES, quantize_model, return_freed_memory
 from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
@@ -87,18 +87,24 @@ class LlamaRunner:
         # chunk (models/ragged_attention.py).
         native = (native_kernels and self.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
                   and native_build.load() is not None)
+        # With int8 where the native step serves, every product reads the int8 rows and the fp32 weights go:
+        # no packed copy of them either.
+        int8_only = quant == "int8" and native and native_step.takes(model)
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
             # compiled steps (``row_dots``) and the native step read the loaded layout, eager ones the
             # transposed
             native_steps = native and native_step.takes(model)
-            model.lay_out_for_cpu(pack=packed_weights, transposed=not compile_decode and not native_steps)
+            model.lay_out_for_cpu(pack=packed_weights and not int8_only,
+                                  transposed=not compile_decode and not native_steps)
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
+        released = native_step.keep_only_int8(model, native_build.load()) if int8_only else 0
         self.native_step: native_step.NativeStep | None = native_step.bind(model) if native else None
         if quant == "int8":
-            if self.native_step is not None:
-                log.info("RIVULET_QUANT=int8: %.1f MiB of int8 weights, read by the native decode step",
-                         quantized_bytes / 2**20)
+            return_freed_memory()
+            if int8_only:
+                log.info("RIVULET_QUANT=int8: %.1f MiB of int8 weights serve every product (decode steps and "
+                         "prompts); %.1f MiB of fp32 weights released", quantized_bytes / 2**20, released / 2**20)
             else:  # a GPU, bf16 weights, or no native kernels: torch multiplies the fp32 copy
                 log.warning("RIVULET_QUANT=int8: the native CPU step does not serve here (it needs fp32 on a CPU "
                             "with RIVULET_NATIVE_KERNELS): outputs are the int8 model's, steps run at fp32 speed")

@@ -63,9 +63,9 @@ class Settings(BaseModel):
     # loaded (the Docker image's); without either, or off here, torch runs them.
     native_kernels: bool = True
     # Weight-only quantization: none, or int8 (models/quantize.py): every projection and the LM head as int8
-    # rows with a scale each, which the native CPU decode step reads (a quarter of fp32's bytes, so a
-    # step with few streams runs up to ~3x faster). Outputs change slightly, as any int8 model's do. The
-    # fp32 weights stay for prefill (holding the quantized values), so memory grows by a quarter.
+    # rows with a scale each. Where the native CPU step serves, every product reads them (a quarter of
+    # fp32's bytes: a step with few streams runs up to ~3x faster) and the fp32 weights are released.
+    # Outputs change slightly, as any int8 model's do. Elsewhere only the outputs are the int8 model's.
     quant: Literal["none", "int8"] = "none"
     # On CUDA, replay each plain decode step from a CUDA graph (models/cuda_graphs.py): one launch a step
     # instead of one per kernel, of which a small model's eager step has hundreds. One graph per batch-size

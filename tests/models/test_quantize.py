@@ -9,6 +9,7 @@ import torch
 
 from models import native_build, native_step
 from models.quantize import INT8_MAX, Int8Rows, int8_bytes, quantize_model, quantize_rows
+from models.runner import LlamaRunner
 from tests.models.support import greedy_run_with, native_product, prepared, random_model, tiny_config
 
 native = pytest.mark.skipif(native_build.load() is None, reason="no C compiler for the native kernels")
@@ -127,15 +128,16 @@ def test_a_native_int8_step_is_the_native_fp32_step_over_the_dequantized_weights
 
 @native
 def test_every_path_gives_an_int8_model_the_same_tokens(caplog):
-    """The runner quantizes before it lays the weights out: torch's steps (native kernels off) and the native
-    step's, batched and alone, give the same greedy tokens, which are not the fp32 model's."""
+    """The runner quantizes before it lays the weights out: torch's steps over the dequantized fp32 copy
+    (native kernels off) and the native products over the int8 rows alone (prompts, batched steps, one-row
+    steps) give the same greedy tokens, which are not the fp32 model's."""
     config = tiny_config(max_position_embeddings=128)
     fp32, _ = greedy_run_with(random_model(config, seed=9))
     through_torch, torch_runner = greedy_run_with(random_model(config, seed=9), native_kernels=False, quant="int8")
     assert torch_runner.native_step is None and "outputs are the int8 model's" in caplog.text
     with caplog.at_level("INFO", logger="rivulet.engine"):
         tokens, runner = greedy_run_with(random_model(config, seed=9), quant="int8")
-    assert runner.native_step.quantized and "MiB of int8 weights, read by the native decode step" in caplog.text
+    assert runner.native_step.quantized and "MiB of int8 weights serve every product" in caplog.text
     assert runner.native_step.batched_steps == 7 and runner.native_step.steps == 5
     assert tokens == through_torch
     assert tokens != fp32  # random weights, far from trained ones: int8 moves some greedy choices
@@ -165,3 +167,28 @@ def test_the_kv_cache_is_sized_around_the_int8_rows(tiny_checkpoint, monkeypatch
         backend.load()
         batches[quant] = backend.runner.max_batch
     assert batches == {"none": 2, "int8": 1}
+
+
+@native
+@pytest.mark.parametrize("tied", [False, True])
+@torch.inference_mode()
+def test_where_the_native_step_serves_only_the_int8_rows_are_kept_and_products_read_them(tied, caplog):
+    config = tiny_config(tie_word_embeddings=tied, max_position_embeddings=128)
+    reference = random_model(config, seed=12)
+    reference.fuse_projections()
+    quantize_model(reference)  # the fp32 copy of what the int8 rows stand for
+    with caplog.at_level("INFO", logger="rivulet.engine"):
+        runner = LlamaRunner(random_model(config, seed=12), max_batch=2, quant="int8")
+    model = runner.model
+    released = [layer.self_attn.qkv_weight for layer in model.model.layers] + [
+        m.weight for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                                            layer.mlp.gate_proj, layer.mlp.down_proj)]
+    assert all(weight.numel() == 0 for weight in released)
+    assert model.model.layers[0].self_attn.qkv_packed is None and model.lm_head.packed is None
+    assert (model.lm_head.weight.numel() == 0) != tied  # a tied head is the embedding: kept
+    assert "MiB of fp32 weights released" in caplog.text
+    # A prompt through the int8 products: the fp32 copy's logits, up to the order of the sums.
+    prompt = torch.tensor([[1, 5, 9, 2, 7, 3, 3, 8]])
+    torch.testing.assert_close(model(prompt), reference(prompt), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fp32 inputs"):
+        model.lm_head.int8_product(torch.ones(2, config.hidden_size, dtype=torch.float64))
