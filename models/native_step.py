@@ -178,8 +178,7 @@ class NativeStep:
         ``int8`` (RIVULET_QUANT=int8) the products read its rows (contiguous) and never the weight."""
         if int8 is not None:  # the fp32 weight is not read, and may have been released (keep_only_int8)
             matrix = _int8_matrix(int8, shape)
-            self._held.append(int8.values)
-            self._vector(int8.scales)
+            self._held += [int8.values, int8.scales]
             return matrix
         rows, cols = weight.shape
         if (rows, cols) != shape:
