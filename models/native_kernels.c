@@ -591,11 +591,12 @@ static float* widening_buffer(int64_t floats) {
 static inline void widen_rows(const Matrix* w, int64_t first, int64_t count, float* restrict out) {
     for (int64_t i = 0; i < count; i++) {
         const int8_t* q = w->quantized + (first + i) * w->cols;
-        const vec8 scale = splat(w->scales[first + i]);
+        const float scale = w->scales[first + i];
+        const vec8 scales = splat(scale);
         float* o = out + i * w->cols;
         int64_t c = 0;
-        for (; c + 8 <= w->cols; c += 8) store8(o + c, widen8(q + c) * scale);
-        for (; c < w->cols; c++) o[c] = (float)q[c] * scale[0];
+        for (; c + 8 <= w->cols; c += 8) store8(o + c, weights8(NULL, q, scales, c, 1));
+        for (; c < w->cols; c++) o[c] = weight1(NULL, q, scale, c, 1);
     }
 }
 
@@ -638,8 +639,8 @@ static void multiply_rows(const Matrix* w, const float* restrict packed, int64_t
 /* y[j][o] = (accumulate ? y[j][o] : 0) + W[o] x[j] for the `rows` (<= FEW_ROWS) rows of x, `x_stride`
    floats apart, and every weight row o: one weight row at a time against every input row, two
    accumulators each, in four_rows' order. The packed panels below would pad a few rows to 8 and multiply
-   the padding too (twice the arithmetic at 4 rows, which then bounded the step), and a lone panel's tile
-   streams its weight rows side by side; here a few rows cost what one does, the weights' reading. Past
+   the padding too (twice the arithmetic at 4 rows, which then bounded the step); here a few rows cost
+   what one does, the weights' reading. Past
    four rows the accumulators do not all fit in registers: the weight row is taken a segment at a time,
    each group of four rows multiplying it in turn while it is in L1, their sums carried across segments
    (so each output is still summed in the same order). Inside a parallel region. */
@@ -648,7 +649,7 @@ static inline __attribute__((always_inline)) void few_rows(
     int64_t y_stride, int accumulate, const int quantized)
 {
     const int64_t cols = w->cols, body = cols & ~(int64_t)15;
-    const int64_t segment = rows <= 4 ? (body > 0 ? body : 16) : SEGMENT;
+    const int64_t segment = rows <= 4 ? body : SEGMENT;  /* one group of rows: the whole row at once */
     const float* xs[FEW_ROWS];
     for (int64_t j = 0; j < FEW_ROWS; j++) xs[j] = x + (j < rows ? j : 0) * x_stride;
     #pragma omp for schedule(static)

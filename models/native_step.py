@@ -155,8 +155,8 @@ class NativeStep:
         self.batched_steps += 1
         return logits
 
-    def _hold(self, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
-        if tensor.dtype != dtype or tensor.device.type != "cpu":
+    def _hold(self, tensor: torch.Tensor) -> int:
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise ValueError(f"native decode step: a {tensor.dtype} tensor on {tensor.device}")
         self._held.append(tensor)
         return tensor.data_ptr()

@@ -89,11 +89,11 @@ class LlamaRunner:
                   and native_build.load() is not None)
         # With int8 where the native step serves, every product reads the int8 rows and the fp32 weights go:
         # no packed copy of them either.
-        int8_only = quant == "int8" and native and native_step.takes(model)
+        native_steps = native and native_step.takes(model)
+        int8_only = quant == "int8" and native_steps
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
             # compiled steps (``row_dots``) and the native step read the loaded layout, eager ones the
             # transposed
-            native_steps = native and native_step.takes(model)
             model.lay_out_for_cpu(pack=packed_weights and not int8_only,
                                   transposed=not compile_decode and not native_steps)
         if native:  # set before any step is compiled, which then calls the kernel
