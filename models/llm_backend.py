@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from models.checkpoint import load_config, load_meta, load_model
 from models.chunk_budget import ChunkBudget
@@ -14,7 +15,7 @@ from models.config import LlamaConfig
 from models.cpu_weights import packing_pays, projection_bytes
 from models.cuda_graphs import SPARE_POSITIONS, graphs_apply
 from models.errors import CheckpointError, ModelError
-from models.memory import GiB, fitting_batch, free_bytes, kv_cache_bytes
+from models.memory import GiB, file_backed_bytes, fitting_batch, free_bytes, kv_cache_bytes
 from models.outputs import Failed, Output, Sampled
 from models.quantize import int8_bytes
 from models.runner import LlamaRunner, StepResult
@@ -92,6 +93,8 @@ class LlamaBackend:
             free -= projection_bytes(model)
         if self.quant == "int8" and free is not None:  # and the int8 rows (models/quantize.py) theirs
             free -= int8_bytes(model)
+        if self.device.type == "cpu" and free is not None:  # and the weights the layout copies out of the file
+            free -= file_backed_bytes(m.weight for m in model.modules() if isinstance(m, nn.Linear))
         # With CUDA graphs every cache row holds a spare position, where the graphs' padding rows write.
         spare = SPARE_POSITIONS if graphs_apply(self.device, self.cuda_graphs) else 0
         batch = fitting_batch(model.config, self.max_batch, self.context_length, dtype, self.device, free, spare)

@@ -8,6 +8,8 @@ sequences run at once (the rest wait); when not even one fits, loading fails nam
 """
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ GiB = 1024 ** 3
 # PREFILL_TOKEN_BUDGET tokens, the logits of a full batch) and for the allocator's slack.
 CACHE_SHARE = 0.9
 MEMINFO = Path("/proc/meminfo")
+MAPS = Path("/proc/self/maps")
 
 
 def kv_cache_bytes(config: LlamaConfig, max_batch: int, max_seq: int, dtype: torch.dtype) -> int:
@@ -68,3 +71,41 @@ def fitting_batch(config: LlamaConfig, max_batch: int, max_seq: int, dtype: torc
         f"but {free / GiB:.2f} GiB is free on {device} after loading the weights and the cache may take "
         f"{CACHE_SHARE:.0%} of it; {advice}"
     )
+
+
+def file_backed_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``' distinct CPU storages that lie in a file's mapping: weights loaded from a
+    safetensors file are pages of its mapping, which /proc/meminfo counts as available (page cache) while
+    they serve. The CPU layout copies them into the process's own memory (fused projections, 2 MiB pages:
+    models/huge_pages.py), so the KV cache must not count on them. 0 where /proc/self/maps cannot be read."""
+    try:
+        mapped = [_address_range(line) for line in MAPS.read_text().splitlines() if _names_a_file(line)]
+    except OSError:
+        return 0
+    storages = {}
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_mkldnn:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(size for address, size in storages.items()
+               if any(start <= address < end for start, end in mapped))
+
+
+def _names_a_file(maps_line: str) -> bool:
+    fields = maps_line.split(maxsplit=5)
+    return len(fields) == 6 and fields[5].startswith("/")
+
+
+def _address_range(maps_line: str) -> tuple[int, int]:
+    start, end = maps_line.split(maxsplit=1)[0].split("-")
+    return int(start, 16), int(end, 16)
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed at load (quantizing's temporaries, released or moved weights) back to the
+    system. glibc keeps freed blocks below its mmap threshold (up to 32 MB) in the process for reuse, so a
+    model of small matrices would otherwise keep their old size in RSS. Elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -16,7 +16,6 @@ unless the LM head is tied to it: then both are the quantized matrix.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +49,6 @@ def quantize_rows(weight: torch.Tensor) -> Int8Rows:
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     values = torch.round(weight / safe.unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return Int8Rows(values.contiguous(), scales.contiguous())
-
-
-def return_freed_memory() -> None:
-    """Hand the memory freed by quantizing (its temporaries, the released fp32 weights) back to the system.
-    glibc keeps freed blocks below its mmap threshold (up to 32 MB) in the process for reuse, so a
-    quantized model of small matrices would otherwise keep its fp32 size in RSS. Elsewhere a no-op."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def int8_bytes(model: nn.Module) -> int:

@@ -26,9 +26,11 @@ from models.prefix_cache import best_source
 from models.row_prompts import RowPrompts
 from models.cpus import LoadAwareThreads, usable_cpus
 from models.errors import ModelError, RivuletError
+from models.huge_pages import hold_in_huge_pages
 from models.llama import Llama
+from models.memory import return_freed_memory
 from models.prompt_checks import prompt_error
-from models.quantize import QUANT_MODES, quantize_model, return_freed_memory
+from models.quantize import QUANT_MODES, quantize_model
 from models.sampling import make_generator, sample, token_logprobs
 from models.sequence import Sequence
 
@@ -99,9 +101,15 @@ class LlamaRunner:
         if native:  # set before any step is compiled, which then calls the kernel
             model.use_native_attention()
         released = native_step.keep_only_int8(model, native_build.load()) if int8_only else 0
+        # On a CPU the weights every step streams in 2 MiB pages (models/huge_pages.py), before the native
+        # step binds their addresses.
+        held = hold_in_huge_pages(model) if self.device.type == "cpu" else 0
+        if held:
+            log.info("weights: %.1f MiB held in 2 MiB pages (transparent huge pages)", held / 2**20)
+        if held or quant == "int8":
+            return_freed_memory()
         self.native_step: native_step.NativeStep | None = native_step.bind(model) if native else None
         if quant == "int8":
-            return_freed_memory()
             if int8_only:
                 log.info("RIVULET_QUANT=int8: %.1f MiB of int8 weights serve every product (decode steps and "
                          "prompts); %.1f MiB of fp32 weights released", quantized_bytes / 2**20, released / 2**20)

@@ -157,3 +157,21 @@ def test_attention_bench_checks_the_kernel_and_prints_the_ratio_it_measured(monk
         sdpa_us, native_us, ratio = float(row[2]), float(row[3]), float(row[5])
         assert sdpa_us > 0 and native_us > 0
         assert ratio == pytest.approx(sdpa_us / native_us, rel=0.05, abs=0.01)
+
+
+def test_huge_pages_bench_times_both_copies_of_the_weights(tmp_path, capsys):
+    from bench import huge_pages_bench
+    from models import huge_pages, native_build
+
+    if native_build.load() is None or not huge_pages.available():
+        pytest.skip("needs the native kernels and transparent huge pages")
+    write_random_checkpoint("demo", tmp_path / "ckpt")  # projections past huge_pages.SMALLEST
+    huge_pages_bench.main([str(tmp_path / "ckpt"), "--batches", "1,3", "--rounds", "2", "--steps", "2",
+                           "--keys", "8", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert " MiB moved" in out and not out.startswith("demo, 0.0 MiB")
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row[0].strip() for row in rows] == ["1", "3"]
+    for _, small, large, ratio in rows:
+        assert float(small) > 0 and float(large) > 0
+        assert float(ratio) == pytest.approx(float(small) / float(large), rel=0.02)

@@ -130,6 +130,7 @@ def test_the_backend_packs_the_weights_as_set_and_as_memory_allows(tiny_checkpoi
     from models import llm_backend
 
     monkeypatch.setattr(llm_backend, "free_bytes", lambda device: free)
+    monkeypatch.setattr(llm_backend, "file_backed_bytes", lambda tensors: 0)  # the packed copy's room alone
     backend = llm_backend.LlamaBackend(tiny_checkpoint, torch.device("cpu"), max_batch=1, max_context=32,
                                        packed_weights=setting)
     backend.load()

@@ -67,6 +67,29 @@ def test_the_cpu_reports_its_free_memory():
         assert free is not None
 
 
+def test_weights_still_in_the_checkpoint_file_s_mapping_are_counted_once(tiny_checkpoint):
+    from models.checkpoint import load_model
+    model = load_model(tiny_checkpoint, CPU)
+    weight = model.lm_head.weight  # as loaded: a page of the safetensors file's mapping
+    if not memory.MAPS.exists():
+        pytest.skip("no /proc/self/maps here")
+    own_copy = weight.detach().clone()
+    size = weight.untyped_storage().nbytes()
+    assert memory.file_backed_bytes([weight]) == size
+    assert memory.file_backed_bytes([weight, weight[:3], own_copy]) == size  # one storage, once; a copy: none
+    assert memory.file_backed_bytes([own_copy, torch.zeros(1000)]) == 0
+
+
+def test_weights_the_layout_copies_out_of_the_file_leave_the_cache_less_room(tiny_checkpoint, monkeypatch):
+    per_row = kv_cache_bytes(tiny_config(), 1, 128, torch.float32)
+    monkeypatch.setattr(llm_backend, "free_bytes", lambda device: int(4.5 * per_row / memory.CACHE_SHARE))
+    monkeypatch.setattr(llm_backend, "file_backed_bytes", lambda tensors: int(2 * per_row / memory.CACHE_SHARE))
+    backend = LlamaBackend(tiny_checkpoint, CPU, max_batch=4, packed_weights=False)
+    with torch.inference_mode():
+        backend.load()
+    assert backend.runner.max_batch == 2
+
+
 def test_max_context_caps_the_served_context_and_the_cache(tiny_checkpoint):
     backend = LlamaBackend(tiny_checkpoint, CPU, max_batch=2, max_context=32)
     assert backend.context_length == 32
@@ -92,6 +115,7 @@ def test_max_context_past_the_checkpoint_is_refused_naming_the_setting(tiny_chec
 def test_a_short_memory_serves_fewer_sequences_at_once_and_every_request_still_ends(tiny_checkpoint, monkeypatch):
     per_row = kv_cache_bytes(tiny_config(), 1, 128, torch.float32)  # the tiny checkpoint's, fp32 on the CPU
     monkeypatch.setattr(llm_backend, "free_bytes", lambda device: int(2.5 * per_row / memory.CACHE_SHARE))
+    monkeypatch.setattr(llm_backend, "file_backed_bytes", lambda tensors: 0)  # the cache's room alone
     backend = RecordingBackend(tiny_checkpoint, CPU, max_batch=4)
     seen_running = []
     execute = backend.execute
