@@ -59,8 +59,9 @@ def on_starting(server):
     """In the master, before forking: lift the open-files limit so worker_connections streams fit in
     every worker (containers often start at 1024). Workers inherit it. Also prepare Prometheus'
     multiprocess directory, so /metrics through one port reports every worker (service/metrics.py).
-    And let torch's CPU allocator ask for transparent huge pages for its large tensors (weights, KV cache):
-    fewer TLB misses when a step streams them, 6-8% a decode step on a CPU (bench/README.md section 12).
+    And let torch's CPU allocator ask for transparent huge pages for its large tensors (the KV cache; the
+    weights are moved into them at load, models/huge_pages.py): fewer TLB misses when a step streams
+    them, 6-8% a decode step on a CPU (bench/README.md section 12).
     Workers read it at their first large allocation; THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from service import metrics_dir

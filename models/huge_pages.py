@@ -2,17 +2,19 @@
 
 A decode step of one or a few rows reads every weight once and is bound by the memory. In 4 KiB pages it
 walks through one page per 4 KiB of weights (35,000 for a 136 MB model) and misses the TLB at each; in a
-virtual machine every miss is a two-level page walk. In 2 MiB pages the native step of one row measured
-5-9% faster (bench/README.md section 18).
+virtual machine every miss is a two-level page walk.
 
 Linux gives 2 MiB pages to anonymous memory advised ``MADV_HUGEPAGE`` where transparent huge pages are
-``always`` or ``madvise`` (/sys/kernel/mm/transparent_hugepage/enabled); ``madvise`` is the default of
-most distributions, and torch's allocator does not advise. So ``hold_in_huge_pages`` copies the model's
-large tensors into one private anonymous mapping advised so, and points each tensor at its copy in place
-(``Tensor.set_``): every holder of a tensor follows it, views of one storage stay views of one copy, and
-the old memory is freed. Two stay where they are: the KV cache, sized to the free memory (copying it would
-need that much again), and the token embeddings, of which a step reads one row a token (unless the LM head
-is tied to them: then the head's walk moves them).
+``always`` or ``madvise`` (/sys/kernel/mm/transparent_hugepage/enabled; ``madvise`` is the default of most
+distributions). Torch's allocator advises only its own allocations of 2 MiB and more, and only with
+``THP_MEM_ALLOC_ENABLE=1`` (gunicorn.conf.py sets it): the fused projections made at load, the KV cache.
+The matrices still read from the checkpoint file's mapping (a layer's output projections, the LM head) and
+those under 2 MiB stay in 4 KiB pages. So ``hold_in_huge_pages`` copies the model's large tensors into one
+private anonymous mapping advised so, and points each tensor at its copy in place (``Tensor.set_``): every
+holder of a tensor follows it, views of one storage stay views of one copy, and the old memory is freed.
+The native step of one row measured 3-8% faster (bench/README.md section 18). Two stay where they are: the
+KV cache, sized to the free memory (copying it would need that much again), and the token embeddings, of
+which a step reads one row a token (unless the LM head is tied to them: then the head's walk moves them).
 
 Weights read from a safetensors file are pages of its mapping until then, in the page cache; their copies
 are the process's own memory (the backend counts them before sizing the KV cache: models/memory.py).
