@@ -22,6 +22,7 @@ are the process's own memory (the backend counts them before sizing the KV cache
 from __future__ import annotations
 
 import dataclasses
+import logging
 import mmap
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from models.llama import KVCache
+
+log = logging.getLogger("rivulet.engine")
 
 HUGE_PAGE = 2 << 20
 # Tensors below this stay where they are: a norm's weight is a few KiB, read from the caches anyway.
@@ -53,9 +56,10 @@ def available() -> bool:
 
 def hold_in_huge_pages(model: nn.Module, smallest: int = SMALLEST) -> int:
     """Every CPU storage of ``model``'s tensors (parameters, buffers, tensor attributes and the tensors of
-    dataclass attributes, such as int8 rows) of at least ``smallest`` bytes, as the module docstring says, copied
-    into memory advised for 2 MiB pages. Call it before anything takes the tensors' addresses (the native
-    step binds them). -> bytes moved; 0 where 2 MiB pages are not available."""
+    dataclass attributes, such as int8 rows) of at least ``smallest`` bytes, as the module docstring says,
+    copied into memory advised for 2 MiB pages. Call it before anything takes the tensors' addresses (the
+    native step binds them). -> bytes moved; 0 where 2 MiB pages are not available or the mapping is
+    refused (logged: the weights then stay where they are)."""
     if not available():
         return 0
     groups: dict[int, list[torch.Tensor]] = {}
@@ -66,9 +70,13 @@ def hold_in_huge_pages(model: nn.Module, smallest: int = SMALLEST) -> int:
     if not groups:
         return 0
     sizes = {key: _aligned(tensors[0].untyped_storage().nbytes()) for key, tensors in groups.items()}
-    # A private mapping: a shared one is shmem, which THP's ``enabled`` mode does not cover.
-    region = mmap.mmap(-1, sum(sizes.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:  # a private mapping: a shared one is shmem, which THP's ``enabled`` mode does not cover
+        region = mmap.mmap(-1, sum(sizes.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as exc:  # the weights serve as well where they are, a little slower
+        log.warning("the weights stay in the pages they were loaded in: no memory advised for 2 MiB pages (%s)",
+                    exc)
+        return 0
     base = torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive as long as any copy
     offset = -base.data_ptr() % HUGE_PAGE
     with torch.inference_mode():  # set_ on parameters and on inference tensors alike

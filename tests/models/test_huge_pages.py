@@ -81,6 +81,21 @@ def test_nothing_moves_where_huge_pages_are_not_available(monkeypatch):
     assert model.lm_head.weight.data_ptr() == address
 
 
+def test_a_refused_mapping_leaves_the_weights_where_they_are(monkeypatch, caplog):
+    model = random_model(tiny_config(**WIDE), seed=6)
+    before = {name: (tensor.data_ptr(), tensor.clone()) for name, tensor in model.state_dict().items()}
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", no_memory)
+    with caplog.at_level("WARNING", logger="rivulet.engine"):
+        assert huge_pages.hold_in_huge_pages(model) == 0
+    assert "stay in the pages they were loaded in" in caplog.text and "Cannot allocate memory" in caplog.text
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() == before[name][0] and torch.equal(tensor, before[name][1])
+
+
 @pytest.mark.parametrize("options", [{}, {"native_kernels": False}, {"quant": "int8"}],
                          ids=["native", "torch", "int8"])
 def test_the_runner_serves_the_same_tokens_from_weights_in_huge_pages(options, monkeypatch):
