@@ -16,6 +16,7 @@ from models.cpu_weights import packing_pays, projection_bytes
 from models.cuda_graphs import SPARE_POSITIONS, graphs_apply
 from models.errors import CheckpointError, ModelError
 from models.memory import GiB, file_backed_bytes, fitting_batch, free_bytes, kv_cache_bytes
+from models.native_step import will_serve
 from models.outputs import Failed, Output, Sampled
 from models.quantize import int8_bytes
 from models.runner import LlamaRunner, StepResult
@@ -86,9 +87,10 @@ class LlamaBackend:
         model = load_model(self.directory, self.device)
         dtype = model.lm_head.weight.dtype
         free = free_bytes(self.device)
-        # With int8 on a CPU the fp32 weights are released, not packed (models/native_step.py's keep_only_int8).
-        pack = (self.device.type == "cpu" and self.packed_weights and self.quant != "int8"
-                and packing_pays(model, free))
+        # With int8 where the native step serves, the fp32 weights are released, not packed (models/native_step.py's
+        # keep_only_int8); where it does not, torch's batched steps multiply the packed dequantized weights.
+        int8_only = self.quant == "int8" and will_serve(model.config, self.device, dtype, self.native_kernels)
+        pack = self.device.type == "cpu" and self.packed_weights and not int8_only and packing_pays(model, free)
         if pack and free is not None:  # the copy is made after the cache: leave it its room
             free -= projection_bytes(model)
         if self.quant == "int8" and free is not None:  # and the int8 rows (models/quantize.py) theirs

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from models import native_build
+from models.config import LlamaConfig
 from models.llama import Llama
 from models.quantize import Int8Rows
 from models.ragged_attention import MAX_DIM, MAX_GROUP
@@ -62,14 +63,26 @@ class _Model(ctypes.Structure):
 
 def takes(model: Llama) -> bool:
     """Whether the C step serves ``model``: fp32 on a CPU, fused projections, a cache, supported shapes."""
-    config = model.config
     attention = model.model.layers[0].self_attn
-    mlp = model.model.layers[0].mlp
     return (model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.float32
             and attention.cache is not None and attention.qkv_weight is not None
-            and mlp.gate_up_weight is not None and config.num_attention_heads % config.num_key_value_heads == 0
+            and model.model.layers[0].mlp.gate_up_weight is not None and takes_shape(model.config))
+
+
+def takes_shape(config: LlamaConfig) -> bool:
+    """Whether the C step's attention takes ``config``'s heads: whole groups of at most MAX_GROUP query heads
+    per key/value head, and an even head size of at most MAX_DIM."""
+    return (config.num_attention_heads % config.num_key_value_heads == 0
             and config.num_attention_heads // config.num_key_value_heads <= MAX_GROUP
             and config.head_dim <= MAX_DIM and config.head_dim % 2 == 0)
+
+
+def will_serve(config: LlamaConfig, device: torch.device, dtype: torch.dtype, native_kernels: bool) -> bool:
+    """Whether a runner (models/runner.py) will run the native step for a model of ``config`` loaded on
+    ``device`` in ``dtype`` with RIVULET_NATIVE_KERNELS=``native_kernels``: asked before the model is laid
+    out, by the backend planning its memory and by the runner itself."""
+    return (native_kernels and device.type == "cpu" and dtype == torch.float32 and takes_shape(config)
+            and native_build.load() is not None)
 
 
 class NativeStep:

@@ -91,7 +91,7 @@ class LlamaRunner:
                   and native_build.load() is not None)
         # With int8 where the native step serves, every product reads the int8 rows and the fp32 weights go:
         # no packed copy of them either.
-        native_steps = native and native_step.takes(model)
+        native_steps = native_step.will_serve(model.config, self.device, model.lm_head.weight.dtype, native_kernels)
         int8_only = quant == "int8" and native_steps
         if self.device.type == "cpu":  # weights laid out for the CPU's matmul kernels (models/cpu_weights.py):
             # compiled steps (``row_dots``) and the native step read the loaded layout, eager ones the

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import native_build, native_step
+from models import cpu_weights, native_build, native_step
 from models.quantize import INT8_MAX, Int8Rows, int8_bytes, quantize_model, quantize_rows
 from models.runner import LlamaRunner
 from tests.models.support import greedy_run_with, native_product, prepared, random_model, tiny_config
@@ -168,6 +168,21 @@ def test_the_kv_cache_is_sized_around_the_int8_rows(tiny_checkpoint, monkeypatch
         backend.load()
         batches[quant] = backend.runner.max_batch
     assert batches == {"none": 2, "int8": 1}
+
+
+@pytest.mark.skipif(not cpu_weights.packing_available(), reason="no oneDNN packing in this torch")
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_the_backend_packs_int8_weights_only_where_the_native_step_does_not_serve(tiny_checkpoint, native_kernels):
+    """Where it serves, the fp32 weights are released and nothing is packed; where it does not, torch's
+    batched steps multiply the dequantized weights, packed as fp32 weights are."""
+    from models import llm_backend
+
+    backend = llm_backend.LlamaBackend(tiny_checkpoint, torch.device("cpu"), max_batch=2, quant="int8",
+                                       native_kernels=native_kernels)
+    backend.load()
+    native_serves = backend.runner.native_step is not None
+    assert native_serves == (native_kernels and native_build.load() is not None)
+    assert (backend.runner.model.lm_head.packed is None) == native_serves
 
 
 @native
