@@ -51,7 +51,8 @@ def test_large_weights_move_with_their_values_and_views_and_the_rest_stays(tied)
     # The fused matrix's views still are views of it: one copy, not two.
     assert attention.q_proj.weight.untyped_storage().data_ptr() == attention.qkv_weight.untyped_storage().data_ptr()
     assert attention.v_proj.weight.data_ptr() == attention.qkv_weight[-attention.v_proj.weight.shape[0]:].data_ptr()
-    assert cache.data_ptr() == cache_address and not advised_for_huge_pages(cache)
+    # Not moved (whether torch's own allocator advised its memory depends on THP_MEM_ALLOC_ENABLE).
+    assert cache.data_ptr() == cache_address
     assert norm.data_ptr() == norm_address
     # A step reads one row of the embeddings: they move only as the head they are tied to.
     assert (embeddings.data_ptr() != embeddings_address) == tied
@@ -106,6 +107,5 @@ def test_the_runner_serves_the_same_tokens_from_weights_in_huge_pages(options, m
     tokens, runner = greedy_run_with(random_model(tiny_config(**WIDE), seed=7), **options)
     assert advised_for_huge_pages(streamed(runner))
     monkeypatch.setattr(huge_pages, "available", lambda: False)
-    plain_tokens, plain_runner = greedy_run_with(random_model(tiny_config(**WIDE), seed=7), **options)
-    assert not advised_for_huge_pages(streamed(plain_runner))
+    plain_tokens, _ = greedy_run_with(random_model(tiny_config(**WIDE), seed=7), **options)
     assert tokens == plain_tokens
