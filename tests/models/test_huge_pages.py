@@ -45,9 +45,11 @@ def test_large_weights_move_with_their_values_and_views_and_the_rest_stays(tied)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
+    region = model.lm_head.weight.untyped_storage().data_ptr()
     for weight in (attention.qkv_weight, attention.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight,
                    model.lm_head.weight):
-        assert advised_for_huge_pages(weight)
+        # All in one mapping, advised (whatever torch's allocator did with their old memory).
+        assert weight.untyped_storage().data_ptr() == region and advised_for_huge_pages(weight)
     # The fused matrix's views still are views of it: one copy, not two.
     assert attention.q_proj.weight.untyped_storage().data_ptr() == attention.qkv_weight.untyped_storage().data_ptr()
     assert attention.v_proj.weight.data_ptr() == attention.qkv_weight[-attention.v_proj.weight.shape[0]:].data_ptr()
@@ -100,12 +102,14 @@ def test_a_refused_mapping_leaves_the_weights_where_they_are(monkeypatch, caplog
 @pytest.mark.parametrize("options", [{}, {"native_kernels": False}, {"quant": "int8"}],
                          ids=["native", "torch", "int8"])
 def test_the_runner_serves_the_same_tokens_from_weights_in_huge_pages(options, monkeypatch):
-    def streamed(runner) -> torch.Tensor:  # a weight every step reads
-        mlp = runner.model.model.layers[0].mlp
+    def streamed(runner, layer: int) -> torch.Tensor:  # a weight every step reads, past SMALLEST int8 or not
+        mlp = runner.model.model.layers[layer].mlp
         return mlp.gate_up_int8.values if "quant" in options else mlp.gate_up_weight
 
     tokens, runner = greedy_run_with(random_model(tiny_config(**WIDE), seed=7), **options)
-    assert advised_for_huge_pages(streamed(runner))
+    first, second = streamed(runner, 0), streamed(runner, 1)
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # the one mapping
+    assert advised_for_huge_pages(first)
     monkeypatch.setattr(huge_pages, "available", lambda: False)
     plain_tokens, _ = greedy_run_with(random_model(tiny_config(**WIDE), seed=7), **options)
     assert tokens == plain_tokens
