@@ -233,19 +233,21 @@ class Int8Product:
         self._scratch.argtypes = [_i64, _i64]
         self.int8 = int8  # held: the product reads its memory
         self.out_features, self.in_features = int8.values.shape
-        self._matrix = _int8_matrix(int8, tuple(int8.values.shape))
-        self._bound_to = self._addresses()
+        self._bind()  # here, so rows the C products cannot read are refused at load
 
     def _addresses(self) -> tuple[int, int]:
         return self.int8.values.data_ptr(), self.int8.scales.data_ptr()
+
+    def _bind(self) -> None:
+        self._matrix = _int8_matrix(self.int8, (self.out_features, self.in_features))
+        self._bound_to = self._addresses()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
             raise ValueError(f"int8 product: {self.in_features} fp32 inputs on the CPU expected, not {x.dtype} "
                              f"{tuple(x.shape)} on {x.device}")
         if self._addresses() != self._bound_to:  # the rows moved (into 2 MiB pages: models/huge_pages.py)
-            self._matrix = _int8_matrix(self.int8, (self.out_features, self.in_features))
-            self._bound_to = self._addresses()
+            self._bind()
         flat = x.reshape(-1, self.in_features).contiguous()
         rows = flat.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
